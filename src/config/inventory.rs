@@ -1,0 +1,483 @@
+//! The inventory (`kiln.toml`): network, clusters and nodes. Parsed with spans so every rule
+//! violation names the file, line and field.
+
+use super::board::Board;
+use super::diag::{Diagnostic, Source};
+use super::net::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Server,
+    Agent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    #[default]
+    Emmc,
+    Nvme,
+}
+
+// ---- the file as written (spanned) ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    network: RawNetwork,
+    bmc: Option<Bmc>,
+    #[serde(default)]
+    defaults: RawOptions,
+    #[serde(rename = "cluster", default)]
+    clusters: Vec<RawCluster>,
+    #[serde(rename = "node", default)]
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    cidr: Spanned<Ipv4Net>,
+    gateway: Spanned<Ipv4Addr>,
+    #[serde(default)]
+    dns: Vec<Ipv4Addr>,
+    #[serde(default)]
+    ntp: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOptions {
+    ssh_authorized_keys: Option<Vec<String>>,
+    target: Option<Target>,
+    overlays: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Spanned<String>,
+    token_file: Spanned<String>,
+    kubeconfig: Option<String>,
+}
+
+/// The Turing Pi 2 BMC that flashes and powers the slotted nodes. The password is never in the
+/// inventory: it comes from `KILN_BMC_PASSWORD` or a prompt.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bmc {
+    /// Name or address, optionally `:port`.
+    pub host: String,
+    pub user: String,
+    /// SHA-256 fingerprint of the BMC's self-signed TLS certificate (hex, `:` allowed).
+    pub tls_sha256: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Spanned<String>,
+    cluster: Spanned<String>,
+    board: Spanned<String>,
+    ip: Spanned<Ipv4Addr>,
+    role: Spanned<Role>,
+    #[serde(default)]
+    bootstrap: Option<Spanned<bool>>,
+    slot: Option<Spanned<u8>>,
+    ssh_authorized_keys: Option<Vec<String>>,
+    target: Option<Target>,
+    overlays: Option<Vec<Spanned<String>>>,
+}
+
+// ---- the validated model ----
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Network {
+    pub cidr: String,
+    #[serde(skip)]
+    pub net: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+    pub ntp: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    /// Absolute path of the token file (relative paths are resolved against the inventory).
+    pub token_file: PathBuf,
+    /// Kubeconfig for reaching the cluster's API (reimaging); `KUBECONFIG` otherwise.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub cluster: String,
+    pub board: String,
+    pub ip: Ipv4Addr,
+    pub role: Role,
+    pub bootstrap: bool,
+    pub slot: Option<u8>,
+    pub ssh_authorized_keys: Vec<String>,
+    pub target: Target,
+    /// Overlay directories, absolute, in the order they apply.
+    pub overlays: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    pub path: PathBuf,
+    /// sha256 of the inventory's bytes.
+    pub sha256: String,
+    pub network: Network,
+    pub bmc: Option<Bmc>,
+    pub clusters: Vec<Cluster>,
+    pub nodes: Vec<Node>,
+}
+
+impl Inventory {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+/// RFC 1123 DNS label, which is what a Kubernetes node name must be here (it is also the
+/// hostname, so dots are not allowed).
+pub fn is_valid_node_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Loads and validates an inventory against the known boards. Returns every problem found.
+/// `check_tokens` is off only for `kiln secrets init`, which creates the token files.
+pub fn load(
+    path: &Path,
+    boards: &BTreeMap<String, Board>,
+    check_tokens: bool,
+) -> Result<Inventory, Vec<Diagnostic>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 0,
+            col: 0,
+            field: "inventory".into(),
+            message: format!("cannot read: {e}"),
+        }]
+    })?;
+    let sha256 = crate::util::sha256_hex(text.as_bytes());
+    let src = Source::new(path, text);
+    let raw: RawInventory =
+        toml::from_str(&src.text).map_err(|e| vec![src.from_toml_error(&e)])?;
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    validate(&src, &dir, raw, boards, check_tokens).map(|mut inv| {
+        inv.sha256 = sha256;
+        inv
+    })
+}
+
+fn resolve(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+fn validate(
+    src: &Source,
+    dir: &Path,
+    raw: RawInventory,
+    boards: &BTreeMap<String, Board>,
+    check_tokens: bool,
+) -> Result<Inventory, Vec<Diagnostic>> {
+    let mut d = Vec::new();
+    let net = *raw.network.cidr.get_ref();
+    let gw = *raw.network.gateway.get_ref();
+    if !net.contains(gw) {
+        d.push(src.diag(
+            raw.network.gateway.span(),
+            "network.gateway",
+            format!("{gw} is outside {net}; expected an address in the network"),
+        ));
+    }
+
+    // Clusters.
+    let mut clusters = Vec::new();
+    let mut cluster_names: HashMap<String, std::ops::Range<usize>> = HashMap::new();
+    for (i, c) in raw.clusters.iter().enumerate() {
+        let name = c.name.get_ref();
+        if let Some(prev) = cluster_names.get(name) {
+            let (pl, _) = src.line_col(prev.start);
+            d.push(src.diag(
+                c.name.span(),
+                format!("cluster[{i}].name"),
+                format!("cluster `{name}` is already defined at line {pl}; expected unique names"),
+            ));
+        }
+        cluster_names.insert(name.clone(), c.name.span());
+        let token_file = resolve(dir, c.token_file.get_ref());
+        if check_tokens {
+            check_token_file(src, &mut d, i, c, &token_file);
+        }
+        clusters.push(Cluster {
+            name: name.clone(),
+            token_file,
+            kubeconfig: c.kubeconfig.as_deref().map(|k| resolve(dir, k)),
+        });
+    }
+
+    let default_overlays: Vec<Spanned<String>> = raw.defaults.overlays.clone().unwrap_or_default();
+    let mut nodes = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut ips: HashMap<Ipv4Addr, (String, usize)> = HashMap::new();
+    let mut slots: HashMap<u8, (String, usize)> = HashMap::new();
+
+    for (i, n) in raw.nodes.iter().enumerate() {
+        let field = |f: &str| format!("node[{i}].{f}");
+        let name = n.name.get_ref().clone();
+        let (line, _) = src.line_col(n.name.span().start);
+        if !is_valid_node_name(&name) {
+            d.push(src.diag(
+                n.name.span(),
+                field("name"),
+                format!(
+                    "`{name}` is not a valid Kubernetes node name; expected 1-63 lower-case letters, digits or `-`, starting and ending with a letter or digit"
+                ),
+            ));
+        }
+        if let Some(prev) = names.get(&name) {
+            d.push(src.diag(
+                n.name.span(),
+                field("name"),
+                format!("node `{name}` is already defined at line {prev}; expected unique names"),
+            ));
+        } else {
+            names.insert(name.clone(), line);
+        }
+
+        let ip = *n.ip.get_ref();
+        if let Some((other, l)) = ips.get(&ip) {
+            d.push(src.diag(
+                n.ip.span(),
+                field("ip"),
+                format!("{ip} is already used by node `{other}` (line {l}); expected a unique address"),
+            ));
+        } else {
+            ips.insert(ip, (name.clone(), line));
+        }
+        if !net.contains(ip) {
+            d.push(src.diag(n.ip.span(), field("ip"), format!("{ip} is outside {net}")));
+        } else if ip == net.network || ip == net.broadcast() {
+            d.push(src.diag(
+                n.ip.span(),
+                field("ip"),
+                format!("{ip} is the network or broadcast address of {net}; expected a host address"),
+            ));
+        } else if ip == gw {
+            d.push(src.diag(n.ip.span(), field("ip"), format!("{ip} is the gateway")));
+        }
+
+        let cluster = n.cluster.get_ref();
+        if !cluster_names.contains_key(cluster) {
+            let known: Vec<&str> = raw.clusters.iter().map(|c| c.name.get_ref().as_str()).collect();
+            d.push(src.diag(
+                n.cluster.span(),
+                field("cluster"),
+                format!("unknown cluster `{cluster}`; expected one of: {}", known.join(", ")),
+            ));
+        }
+        let board_name = n.board.get_ref();
+        let board = boards.get(board_name);
+        if board.is_none() {
+            let known: Vec<&str> = boards.keys().map(String::as_str).collect();
+            d.push(src.diag(
+                n.board.span(),
+                field("board"),
+                format!("unknown board `{board_name}`; expected one of: {}", known.join(", ")),
+            ));
+        }
+
+        let role = *n.role.get_ref();
+        let bootstrap = n.bootstrap.as_ref().is_some_and(|b| *b.get_ref());
+        if bootstrap
+            && role == Role::Agent
+            && let Some(b) = &n.bootstrap
+        {
+            d.push(src.diag(
+                b.span(),
+                field("bootstrap"),
+                "an agent cannot bootstrap a cluster; expected role = \"server\" or bootstrap = false",
+            ));
+        }
+
+        if let Some(slot) = &n.slot {
+            let s = *slot.get_ref();
+            match board.map(|b| b.spec.slots) {
+                Some(None) => d.push(src.diag(
+                    slot.span(),
+                    field("slot"),
+                    format!("board `{board_name}` has no slots; expected no `slot` for this node"),
+                )),
+                Some(Some(max)) if s == 0 || s > max => d.push(src.diag(
+                    slot.span(),
+                    field("slot"),
+                    format!("slot {s} is out of range; expected 1..={max}"),
+                )),
+                _ => {}
+            }
+            if let Some((other, l)) = slots.get(&s) {
+                d.push(src.diag(
+                    slot.span(),
+                    field("slot"),
+                    format!("slot {s} is already taken by node `{other}` (line {l})"),
+                ));
+            } else {
+                slots.insert(s, (name.clone(), line));
+            }
+        }
+
+        let overlays: Vec<Spanned<String>> = n.overlays.clone().unwrap_or_else(|| default_overlays.clone());
+        let mut overlay_dirs = Vec::new();
+        for o in &overlays {
+            let p = resolve(&dir.join("overlays"), o.get_ref());
+            if !p.is_dir() {
+                d.push(src.diag(
+                    o.span(),
+                    field("overlays"),
+                    format!("overlay `{}` not found; expected a directory {}", o.get_ref(), p.display()),
+                ));
+            }
+            overlay_dirs.push(p);
+        }
+
+        nodes.push(Node {
+            name,
+            cluster: cluster.clone(),
+            board: board_name.clone(),
+            ip,
+            role,
+            bootstrap,
+            slot: n.slot.as_ref().map(|s| *s.get_ref()),
+            ssh_authorized_keys: n
+                .ssh_authorized_keys
+                .clone()
+                .or_else(|| raw.defaults.ssh_authorized_keys.clone())
+                .unwrap_or_default(),
+            target: n.target.or(raw.defaults.target).unwrap_or_default(),
+            overlays: overlay_dirs,
+        });
+    }
+
+    // Exactly one bootstrap server per cluster.
+    for (i, c) in raw.clusters.iter().enumerate() {
+        let cname = c.name.get_ref();
+        let boots: Vec<&RawNode> = raw
+            .nodes
+            .iter()
+            .filter(|n| n.cluster.get_ref() == cname)
+            .filter(|n| n.bootstrap.as_ref().is_some_and(|b| *b.get_ref()))
+            .filter(|n| *n.role.get_ref() == Role::Server)
+            .collect();
+        if boots.len() != 1 {
+            let names: Vec<&str> = boots.iter().map(|n| n.name.get_ref().as_str()).collect();
+            d.push(src.diag(
+                c.name.span(),
+                format!("cluster[{i}]"),
+                format!(
+                    "cluster `{cname}` has {} bootstrap servers{}; expected exactly one node with role = \"server\" and bootstrap = true",
+                    boots.len(),
+                    if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) }
+                ),
+            ));
+        }
+    }
+
+    if !d.is_empty() {
+        return Err(d);
+    }
+    Ok(Inventory {
+        path: src.path.clone(),
+        sha256: String::new(),
+        network: Network {
+            cidr: net.to_string(),
+            net,
+            gateway: gw,
+            dns: raw.network.dns,
+            ntp: raw.network.ntp,
+        },
+        bmc: raw.bmc,
+        clusters,
+        nodes,
+    })
+}
+
+fn check_token_file(src: &Source, d: &mut Vec<Diagnostic>, i: usize, c: &RawCluster, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let field = format!("cluster[{i}].token_file");
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                d.push(src.diag(
+                    c.token_file.span(),
+                    field,
+                    format!(
+                        "{} is readable by group or others (mode {mode:03o}); expected 0600 (chmod 600 {})",
+                        path.display(),
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.push(src.diag(
+            c.token_file.span(),
+            field,
+            format!(
+                "{} does not exist; expected a token file (create it with `kiln secrets init`)",
+                path.display()
+            ),
+        )),
+        Err(e) => d.push(src.diag(
+            c.token_file.span(),
+            field,
+            format!("cannot read {}: {e}", path.display()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names() {
+        assert!(is_valid_node_name("rk1-1"));
+        assert!(is_valid_node_name("pi5-staging"));
+        assert!(!is_valid_node_name("RK1"));
+        assert!(!is_valid_node_name("-a"));
+        assert!(!is_valid_node_name("a-"));
+        assert!(!is_valid_node_name("a.b"));
+        assert!(!is_valid_node_name(""));
+        assert!(!is_valid_node_name(&"a".repeat(64)));
+    }
+}

@@ -1,0 +1,171 @@
+//! Image stage: lays out the disk and writes table, loader, boot FAT and ext4 root into one
+//! sparse file, under a temporary name renamed into place only when complete.
+
+pub mod bootcfg;
+pub mod ext4;
+pub mod fat;
+pub mod inspect;
+pub mod layout;
+pub mod slice;
+pub mod sparse;
+pub mod table;
+
+use crate::config::board::{Content, PartSize};
+use crate::config::size::MIB;
+use crate::plan::{Identity, NodePlan};
+use crate::rootfs::{self, base, merge};
+use crate::util::{AtomicFile, source_date_epoch};
+use anyhow::{Context, Result, anyhow};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Free space left in the root filesystem when the profile does not say.
+pub const DEFAULT_HEADROOM: u64 = 256 * MIB;
+
+/// What a finished image is, for the summary line.
+#[derive(Debug, Clone)]
+pub struct ImageReport {
+    pub node: String,
+    pub path: PathBuf,
+    /// Apparent size of the raw image.
+    pub size: u64,
+    /// Bytes actually allocated (the image is sparse).
+    pub allocated: u64,
+    pub kernel_version: String,
+    pub seconds: f64,
+}
+
+/// Builds one node's image into `out_dir/<node>.img`.
+pub fn build_node(plan: &NodePlan, out_dir: &Path) -> Result<ImageReport> {
+    let started = Instant::now();
+    let node = &plan.node.name;
+    let base_path = plan
+        .artifacts
+        .get("base")
+        .ok_or_else(|| anyhow!("no base artifact for {node}"))?;
+    let base_len = std::fs::metadata(base_path)
+        .with_context(|| format!("reading base tarball {}", base_path.display()))?
+        .len();
+
+    // 1. One pass over the base: boot files and the numbers that size the root filesystem.
+    let pb = crate::progress::bytes(base_len, format!("{node}: scanning base"));
+    let scan = base::scan(base_path, &plan.board.spec.devicetree.copy, &|n| pb.set_position(n))?;
+    pb.finish_and_clear();
+
+    let epoch = source_date_epoch(scan.max_mtime)?;
+    let identity = Identity {
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        node: node.clone(),
+        cluster: plan.node.cluster.clone(),
+        board: plan.board.name().to_string(),
+        ip: plan.node.ip,
+        role: plan.node.role,
+        bootstrap: plan.node.bootstrap,
+        slot: plan.node.slot,
+        target: plan.node.target,
+        inventory_sha256: plan.inventory_sha256.clone(),
+        board_sha256: plan.board.sha256.clone(),
+        base_sha256: scan.sha256.clone(),
+        build_epoch: epoch,
+    };
+    let identity_json = serde_json::to_string_pretty(&identity)? + "\n";
+    let overlay = rootfs::overlay_for(plan, &identity)?;
+
+    // 2. Layout, checked before any byte is written.
+    let root_spec = plan
+        .board
+        .spec
+        .partitions
+        .iter()
+        .find(|p| p.content == Content::Rootfs)
+        .ok_or_else(|| anyhow!("board {} has no root partition", plan.board.name()))?;
+    let headroom = root_spec.headroom.map_or(DEFAULT_HEADROOM, |h| h.0);
+    let (auto_size, inodes) = ext4::estimate_size(
+        scan.blocks + overlay.blocks(),
+        scan.entries + overlay.entries.len() as u64,
+        headroom,
+    );
+    let root_size = match root_spec.size {
+        PartSize::Fixed(s) => s.0,
+        PartSize::Auto => auto_size,
+    };
+    let mut blobs = Vec::new();
+    for b in &plan.board.spec.blobs {
+        let p = &plan.artifacts[&b.artifact];
+        let data = std::fs::read(p)
+            .with_context(|| format!("reading artifact {}={}", b.artifact, p.display()))?;
+        blobs.push((b.artifact.clone(), data));
+    }
+    let blob_lens: Vec<(String, u64)> = blobs
+        .iter()
+        .map(|(a, d)| (a.clone(), d.len() as u64))
+        .collect();
+    let layout = layout::place(plan, root_size, &blob_lens)?;
+    let boot_files = bootcfg::boot_files(plan, &scan.kernel, &identity_json)?;
+
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("creating output directory {}", out_dir.display()))?;
+    let dest = out_dir.join(format!("{node}.img"));
+    let mut out = AtomicFile::create(&dest)?;
+    out.file()
+        .set_len(layout.disk_size)
+        .with_context(|| format!("sizing {}", out.path().display()))?;
+
+    // 3. Root filesystem first: the largest and likeliest step to fail.
+    let root = layout
+        .by_content(Content::Rootfs)
+        .ok_or_else(|| anyhow!("layout has no root partition"))?;
+    let pb = crate::progress::bytes(base_len, format!("{node}: writing root filesystem"));
+    ext4::make(
+        &ext4::Ext4Params {
+            image: out.path(),
+            offset: root.start,
+            size: root.size,
+            inodes,
+            uuid: plan.ids.fs_uuids[root.index],
+            label: &root.label,
+            epoch,
+        },
+        |stdin| merge::write_tar(base_path, &overlay, epoch, stdin, &|n| pb.set_position(n)),
+    )?;
+    pb.finish_and_clear();
+
+    // 4. Boot partition.
+    let boot = layout
+        .by_content(Content::Boot)
+        .ok_or_else(|| anyhow!("layout has no boot partition"))?;
+    let pb = crate::progress::spinner(format!("{node}: writing boot partition"));
+    fat::write(
+        out.file(),
+        &fat::FatParams {
+            offset: boot.start,
+            size: boot.size,
+            label: &boot.label,
+            volume_id: plan.ids.fat_volume_ids[boot.index],
+            epoch,
+        },
+        &boot_files,
+    )?;
+    pb.finish_and_clear();
+
+    // 5. Loader blobs and the partition table last, so an interrupted write never looks bootable.
+    for ((artifact, data), placed) in blobs.iter().zip(&layout.blobs) {
+        out.file()
+            .write_all_at(data, placed.offset)
+            .with_context(|| format!("writing {artifact} at byte {}", placed.offset))?;
+    }
+    table::write(out.file(), &layout, &plan.ids)?;
+    sparse::punch_zeros(out.file(), 0, layout.disk_size)?;
+
+    let allocated = out.file().metadata()?.blocks() * 512;
+    let path = out.commit()?;
+    Ok(ImageReport {
+        node: node.clone(),
+        path,
+        size: layout.disk_size,
+        allocated,
+        kernel_version: scan.kernel.version,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

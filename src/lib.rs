@@ -1,0 +1,14 @@
+//! kiln: bakes bootable per-node disk images for a bare-metal k3s cluster.
+//!
+//! Stages, each a module: config → plan → fetch → rootfs → image.
+
+pub mod cli;
+pub mod config;
+pub mod fetch;
+pub mod image;
+pub mod plan;
+pub mod progress;
+pub mod rootfs;
+pub mod secrets;
+pub mod tool;
+pub mod util;

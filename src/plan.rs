@@ -1,0 +1,211 @@
+//! Plan stage: a pure function from the validated configuration to what one node's image holds
+//! (identity, derived identifiers, the artifacts it needs). Nothing here touches the disk image.
+
+use crate::config::Config;
+use crate::config::board::{Board, TableKind};
+use crate::config::inventory::{Network, Node, Role, Target};
+use crate::util::Guid;
+use anyhow::{Result, bail};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// Identifiers that make two builds of a node byte-identical and two nodes distinct.
+#[derive(Debug, Clone)]
+pub struct DiskIds {
+    /// GPT disk GUID (GPT boards).
+    pub disk_guid: Guid,
+    /// MBR disk signature (MBR boards); PARTUUIDs are `<sig>-NN`.
+    pub mbr_signature: u32,
+    /// Per partition, in table order: the GPT partition GUID.
+    pub partition_guids: Vec<Guid>,
+    /// Per partition: ext4 UUID (also used as its hash seed).
+    pub fs_uuids: Vec<Guid>,
+    /// Per partition: FAT volume ID.
+    pub fat_volume_ids: Vec<u32>,
+}
+
+impl DiskIds {
+    pub fn derive(cluster: &str, node: &str, partitions: usize) -> DiskIds {
+        let g = |what: &str, i: usize| Guid::derive(&["kiln", cluster, node, what, &i.to_string()]);
+        let sig = Guid::derive(&["kiln", cluster, node, "mbr-signature"]).0;
+        DiskIds {
+            disk_guid: g("disk", 0),
+            // A zero signature means "none" to some tools; force a bit on.
+            mbr_signature: u32::from_be_bytes([sig[0], sig[1], sig[2], sig[3]]) | 1,
+            partition_guids: (0..partitions).map(|i| g("partition", i)).collect(),
+            fs_uuids: (0..partitions).map(|i| g("filesystem", i)).collect(),
+            fat_volume_ids: (0..partitions)
+                .map(|i| {
+                    let b = g("fat-volume-id", i).0;
+                    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The identity kiln embeds in every image (boot partition `kiln.json` and `/etc/kiln/node.json`).
+/// Holds no secrets: it sits on the FAT partition.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Identity {
+    pub kiln_version: String,
+    pub node: String,
+    pub cluster: String,
+    pub board: String,
+    pub ip: Ipv4Addr,
+    pub role: Role,
+    pub bootstrap: bool,
+    pub slot: Option<u8>,
+    pub target: Target,
+    pub inventory_sha256: String,
+    pub board_sha256: String,
+    pub base_sha256: String,
+    /// Unix time the image content is stamped with (SOURCE_DATE_EPOCH or the base's newest file).
+    pub build_epoch: u64,
+}
+
+/// Everything needed to write one node's image.
+#[derive(Debug, Clone)]
+pub struct NodePlan {
+    pub node: Node,
+    pub board: Board,
+    pub network: Network,
+    pub inventory_sha256: String,
+    /// Every node of the inventory (name, ip), for /etc/hosts.
+    pub hosts: Vec<(String, Ipv4Addr)>,
+    pub ids: DiskIds,
+    /// Files the user supplied, by artifact name (`base`, `uboot`, ...).
+    pub artifacts: BTreeMap<String, PathBuf>,
+}
+
+impl NodePlan {
+    /// `root=` value for the kernel command line. PARTUUID is resolved by the kernel itself,
+    /// so it works without help from the initramfs.
+    pub fn root_partuuid(&self) -> String {
+        let idx = self.root_index();
+        match self.board.spec.partition_table.kind {
+            TableKind::Gpt => self.ids.partition_guids[idx].to_string(),
+            TableKind::Mbr => format!("{:08x}-{:02x}", self.ids.mbr_signature, idx + 1),
+        }
+    }
+
+    pub fn root_index(&self) -> usize {
+        // Invariant: board validation guarantees exactly one rootfs partition.
+        self.board
+            .spec
+            .partitions
+            .iter()
+            .position(|p| p.content == crate::config::board::Content::Rootfs)
+            .unwrap_or(0)
+    }
+}
+
+/// Where users get the base root filesystem until kiln builds it itself.
+pub const BASE_SOURCE: &str = "a Debian root filesystem tarball with a kernel and initramfs \
+(e.g. `mmdebstrap --arch=arm64 --include=linux-image-arm64,initramfs-tools,systemd-sysv trixie base.tar.zst`)";
+
+/// Builds the plan for one node, checking that every artifact its board needs was supplied.
+pub fn plan_node(
+    config: &Config,
+    node_name: &str,
+    supplied: &BTreeMap<String, PathBuf>,
+) -> Result<NodePlan> {
+    let inv = &config.inventory;
+    let Some(node) = inv.node(node_name) else {
+        let known: Vec<&str> = inv.nodes.iter().map(|n| n.name.as_str()).collect();
+        bail!(
+            "no node `{node_name}` in {}; expected one of: {}",
+            inv.path.display(),
+            known.join(", ")
+        );
+    };
+    let Some(board) = config.board_of(node) else {
+        bail!("node `{node_name}`: board `{}` not loaded", node.board);
+    };
+    let mut artifacts = BTreeMap::new();
+    let mut missing = Vec::new();
+    match supplied.get("base") {
+        Some(p) => {
+            artifacts.insert("base".to_string(), p.clone());
+        }
+        None => missing.push(format!("base (root filesystem): pass --artifact base=ROOTFS.tar[.gz|.zst]; {BASE_SOURCE}")),
+    }
+    for blob in &board.spec.blobs {
+        match supplied.get(&blob.artifact) {
+            Some(p) => {
+                artifacts.insert(blob.artifact.clone(), p.clone());
+            }
+            None => {
+                let (what, source) = board
+                    .artifact(&blob.artifact)
+                    .map(|a| (a.description.as_str(), a.source.as_str()))
+                    .unwrap_or(("", ""));
+                missing.push(format!(
+                    "{} ({what}): pass --artifact {}=FILE; get it from {source}",
+                    blob.artifact, blob.artifact
+                ));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(MissingArtifacts {
+            node: node_name.to_string(),
+            board: board.name().to_string(),
+            missing,
+        }
+        .into());
+    }
+    Ok(NodePlan {
+        node: node.clone(),
+        board: board.clone(),
+        network: inv.network.clone(),
+        inventory_sha256: inv.sha256.clone(),
+        hosts: inv.nodes.iter().map(|n| (n.name.clone(), n.ip)).collect(),
+        ids: DiskIds::derive(&node.cluster, &node.name, board.spec.partitions.len()),
+        artifacts,
+    })
+}
+
+/// A node cannot be built because the user has not supplied something only they can.
+#[derive(Debug)]
+pub struct MissingArtifacts {
+    pub node: String,
+    pub board: String,
+    pub missing: Vec<String>,
+}
+
+impl std::fmt::Display for MissingArtifacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node `{}` (board {}) needs artifacts that were not supplied:",
+            self.node, self.board
+        )?;
+        for m in &self.missing {
+            write!(f, "\n  - {m}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for MissingArtifacts {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_and_per_node() {
+        let a = DiskIds::derive("production", "rk1-1", 2);
+        let b = DiskIds::derive("production", "rk1-1", 2);
+        let c = DiskIds::derive("production", "rk1-2", 2);
+        assert_eq!(a.disk_guid, b.disk_guid);
+        assert_eq!(a.partition_guids, b.partition_guids);
+        assert_ne!(a.disk_guid, c.disk_guid);
+        assert_ne!(a.partition_guids[1], c.partition_guids[1]);
+        assert_ne!(a.partition_guids[0], a.partition_guids[1]);
+        assert_ne!(a.mbr_signature, c.mbr_signature);
+    }
+}
