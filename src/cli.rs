@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Bake bootable per-node disk images for a bare-metal k3s cluster")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Bake bootable per-node disk images for a bare-metal k3s cluster"
+)]
 pub struct Cli {
     /// The inventory: nodes, clusters, network.
     #[arg(long, global = true, default_value = "kiln.toml")]
@@ -100,7 +104,11 @@ pub fn run() -> Result<ExitCode> {
                     } else {
                         format!(
                             " (needs: {})",
-                            s.artifacts.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+                            s.artifacts
+                                .iter()
+                                .map(|a| a.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         )
                     }
                 );
@@ -129,7 +137,9 @@ pub fn run() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Secrets { cmd: SecretsCmd::Init } => {
+        Cmd::Secrets {
+            cmd: SecretsCmd::Init,
+        } => {
             let Some(cfg) = load(&cli.inventory, &boards_dir, false) else {
                 return Ok(ExitCode::from(1));
             };
@@ -201,7 +211,11 @@ fn build(
                         .iter()
                         .map(|s| s.split(' ').next().unwrap_or(""))
                         .collect();
-                    eprintln!("skip {n}: board {} needs --artifact {}", m.board, what.join(", "));
+                    eprintln!(
+                        "skip {n}: board {} needs --artifact {}",
+                        m.board,
+                        what.join(", ")
+                    );
                 }
             }
             Err(e) => return Err(e),

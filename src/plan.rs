@@ -130,7 +130,9 @@ pub fn plan_node(
         Some(p) => {
             artifacts.insert("base".to_string(), p.clone());
         }
-        None => missing.push(format!("base (root filesystem): pass --artifact base=ROOTFS.tar[.gz|.zst]; {BASE_SOURCE}")),
+        None => missing.push(format!(
+            "base (root filesystem): pass --artifact base=ROOTFS.tar[.gz|.zst]; {BASE_SOURCE}"
+        )),
     }
     for blob in &board.spec.blobs {
         match supplied.get(&blob.artifact) {

@@ -126,8 +126,9 @@ impl AtomicFile {
             f.sync_all()
                 .with_context(|| format!("syncing {}", self.tmp.display()))?;
         }
-        std::fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
+            format!("renaming {} to {}", self.tmp.display(), self.dest.display())
+        })?;
         Ok(self.dest.clone())
     }
 }

@@ -363,7 +363,11 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
         ));
     }
     if b.partitions.is_empty() {
-        d.push(src.diag(0..0, "partition", "no [[partition]]; expected a boot and a root partition"));
+        d.push(src.diag(
+            0..0,
+            "partition",
+            "no [[partition]]; expected a boot and a root partition",
+        ));
     }
     for want in [Content::Boot, Content::Rootfs] {
         let n = b.partitions.iter().filter(|p| p.content == want).count();
@@ -407,8 +411,12 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
             _ => {}
         }
         if let Some(start) = p.start {
-            if start.0 % MIB != 0 {
-                d.push(src.diag(at.clone(), field("start"), format!("{start} is not 1 MiB aligned")));
+            if !start.0.is_multiple_of(MIB) {
+                d.push(src.diag(
+                    at.clone(),
+                    field("start"),
+                    format!("{start} is not 1 MiB aligned"),
+                ));
             }
             if start.0 < prev_end {
                 d.push(src.diag(
@@ -434,13 +442,21 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
             _ => {}
         }
         if p.content == Content::Boot && p.fs != FsKind::Vfat {
-            d.push(src.diag(at.clone(), field("fs"), "the boot partition must be vfat (firmware and U-Boot read FAT)"));
+            d.push(src.diag(
+                at.clone(),
+                field("fs"),
+                "the boot partition must be vfat (firmware and U-Boot read FAT)",
+            ));
         }
         if p.content == Content::Rootfs && p.fs != FsKind::Ext4 {
             d.push(src.diag(at.clone(), field("fs"), "the root partition must be ext4"));
         }
         if matches!(p.size, PartSize::Auto) && i + 1 != b.partitions.len() {
-            d.push(src.diag(at.clone(), field("size"), "only the last partition may be \"auto\" (it grows on first boot)"));
+            d.push(src.diag(
+                at.clone(),
+                field("size"),
+                "only the last partition may be \"auto\" (it grows on first boot)",
+            ));
         }
     }
     for (i, blob) in b.blobs.iter().enumerate() {
@@ -449,7 +465,10 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
             d.push(src.diag(
                 at.clone(),
                 format!("blob[{i}].artifact"),
-                format!("`{}` is not declared in an [[artifact]] table", blob.artifact),
+                format!(
+                    "`{}` is not declared in an [[artifact]] table",
+                    blob.artifact
+                ),
             ));
         }
         let table_end = match b.partition_table.kind {
@@ -460,7 +479,10 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
             d.push(src.diag(
                 at.clone(),
                 format!("blob[{i}].offset"),
-                format!("{} overlaps the partition table (ends at byte {table_end})", blob.offset),
+                format!(
+                    "{} overlaps the partition table (ends at byte {table_end})",
+                    blob.offset
+                ),
             ));
         }
         if let Some(fs) = first_start
@@ -469,7 +491,10 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
             d.push(src.diag(
                 at,
                 format!("blob[{i}].offset"),
-                format!("{} is at or after the first partition (byte {fs})", blob.offset),
+                format!(
+                    "{} is at or after the first partition (byte {fs})",
+                    blob.offset
+                ),
             ));
         }
     }

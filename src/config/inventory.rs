@@ -182,8 +182,7 @@ pub fn load(
     })?;
     let sha256 = crate::util::sha256_hex(text.as_bytes());
     let src = Source::new(path, text);
-    let raw: RawInventory =
-        toml::from_str(&src.text).map_err(|e| vec![src.from_toml_error(&e)])?;
+    let raw: RawInventory = toml::from_str(&src.text).map_err(|e| vec![src.from_toml_error(&e)])?;
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -280,7 +279,9 @@ fn validate(
             d.push(src.diag(
                 n.ip.span(),
                 field("ip"),
-                format!("{ip} is already used by node `{other}` (line {l}); expected a unique address"),
+                format!(
+                    "{ip} is already used by node `{other}` (line {l}); expected a unique address"
+                ),
             ));
         } else {
             ips.insert(ip, (name.clone(), line));
@@ -291,7 +292,9 @@ fn validate(
             d.push(src.diag(
                 n.ip.span(),
                 field("ip"),
-                format!("{ip} is the network or broadcast address of {net}; expected a host address"),
+                format!(
+                    "{ip} is the network or broadcast address of {net}; expected a host address"
+                ),
             ));
         } else if ip == gw {
             d.push(src.diag(n.ip.span(), field("ip"), format!("{ip} is the gateway")));
@@ -299,11 +302,18 @@ fn validate(
 
         let cluster = n.cluster.get_ref();
         if !cluster_names.contains_key(cluster) {
-            let known: Vec<&str> = raw.clusters.iter().map(|c| c.name.get_ref().as_str()).collect();
+            let known: Vec<&str> = raw
+                .clusters
+                .iter()
+                .map(|c| c.name.get_ref().as_str())
+                .collect();
             d.push(src.diag(
                 n.cluster.span(),
                 field("cluster"),
-                format!("unknown cluster `{cluster}`; expected one of: {}", known.join(", ")),
+                format!(
+                    "unknown cluster `{cluster}`; expected one of: {}",
+                    known.join(", ")
+                ),
             ));
         }
         let board_name = n.board.get_ref();
@@ -313,7 +323,10 @@ fn validate(
             d.push(src.diag(
                 n.board.span(),
                 field("board"),
-                format!("unknown board `{board_name}`; expected one of: {}", known.join(", ")),
+                format!(
+                    "unknown board `{board_name}`; expected one of: {}",
+                    known.join(", ")
+                ),
             ));
         }
 
@@ -356,7 +369,10 @@ fn validate(
             }
         }
 
-        let overlays: Vec<Spanned<String>> = n.overlays.clone().unwrap_or_else(|| default_overlays.clone());
+        let overlays: Vec<Spanned<String>> = n
+            .overlays
+            .clone()
+            .unwrap_or_else(|| default_overlays.clone());
         let mut overlay_dirs = Vec::new();
         for o in &overlays {
             let p = resolve(&dir.join("overlays"), o.get_ref());
@@ -364,7 +380,11 @@ fn validate(
                 d.push(src.diag(
                     o.span(),
                     field("overlays"),
-                    format!("overlay `{}` not found; expected a directory {}", o.get_ref(), p.display()),
+                    format!(
+                        "overlay `{}` not found; expected a directory {}",
+                        o.get_ref(),
+                        p.display()
+                    ),
                 ));
             }
             overlay_dirs.push(p);

@@ -36,7 +36,11 @@ pub fn default_boards_dir(inventory: &Path) -> PathBuf {
 }
 
 /// Loads boards, then the inventory against them; all problems are returned together.
-pub fn load(inventory: &Path, boards_dir: &Path, check_tokens: bool) -> Result<Config, Diagnostics> {
+pub fn load(
+    inventory: &Path,
+    boards_dir: &Path,
+    check_tokens: bool,
+) -> Result<Config, Diagnostics> {
     let boards = board::load_dir(boards_dir).map_err(Diagnostics)?;
     let inventory = inventory::load(inventory, &boards, check_tokens).map_err(Diagnostics)?;
     Ok(Config { inventory, boards })

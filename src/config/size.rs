@@ -15,9 +15,9 @@ impl ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size; expected e.g. 32768, 512KiB, 16MiB, 1GiB"))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("`{s}` is not a size; expected e.g. 32768, 512KiB, 16MiB, 1GiB")
+        })?;
         let mult = match unit.trim() {
             "" | "B" => 1,
             "KiB" | "K" => KIB,
@@ -38,11 +38,11 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b >= GIB && b % GIB == 0 {
+        if b >= GIB && b.is_multiple_of(GIB) {
             write!(f, "{}GiB", b / GIB)
-        } else if b >= MIB && b % MIB == 0 {
+        } else if b >= MIB && b.is_multiple_of(MIB) {
             write!(f, "{}MiB", b / MIB)
-        } else if b >= KIB && b % KIB == 0 {
+        } else if b >= KIB && b.is_multiple_of(KIB) {
             write!(f, "{}KiB", b / KIB)
         } else {
             write!(f, "{b}B")

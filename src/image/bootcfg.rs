@@ -109,7 +109,10 @@ pub fn boot_files(plan: &NodePlan, kernel: &KernelFiles, identity_json: &str) ->
         }
         BootStyle::RpiFirmware => {
             files.insert("config.txt".into(), rpi_config_txt(plan).into_bytes());
-            files.insert("cmdline.txt".into(), format!("{}\n", cmdline(plan)).into_bytes());
+            files.insert(
+                "cmdline.txt".into(),
+                format!("{}\n", cmdline(plan)).into_bytes(),
+            );
         }
     }
     files.insert("kiln.json".into(), identity_json.as_bytes().to_vec());

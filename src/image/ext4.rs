@@ -28,6 +28,12 @@ const MKE2FS_CONF: &str = "\
 \text4 = {
 \t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
 \t}
+\tsmall = {
+\t\tinode_size = 256
+\t}
+\tfloppy = {
+\t\tinode_size = 256
+\t}
 ";
 
 /// Checks that mke2fs can read a tarball (`-d` with tar input came in e2fsprogs 1.47.1).
@@ -41,7 +47,11 @@ pub fn check_mke2fs() -> Result<()> {
         .ok_or_else(|| anyhow!("cannot read the mke2fs version from `{}`", out.trim()))?;
     let nums: Vec<u32> = version
         .split('.')
-        .map(|p| p.chars().take_while(char::is_ascii_digit).collect::<String>())
+        .map(|p| {
+            p.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
         .map(|p| p.parse().unwrap_or(0))
         .collect();
     let v = (

@@ -131,8 +131,8 @@ pub fn write(file: &File, p: &FatParams<'_>, files: &BootFiles) -> Result<()> {
 /// partition; lamfat leaves 0. Patched in the boot sector and its FAT32 backup copy so both stay
 /// identical (fsck.fat compares them).
 fn set_hidden_sectors(file: &File, offset: u64) -> Result<()> {
-    let lba = u32::try_from(offset / 512)
-        .map_err(|_| anyhow!("boot partition starts beyond 2 TiB"))?;
+    let lba =
+        u32::try_from(offset / 512).map_err(|_| anyhow!("boot partition starts beyond 2 TiB"))?;
     let mut bs = [0u8; 512];
     file.read_exact_at(&mut bs, offset)?;
     let backup = u16::from_le_bytes([bs[0x32], bs[0x33]]);
@@ -151,7 +151,9 @@ pub fn read_all(file: &File, offset: u64, size: u64) -> Result<BootFiles> {
     type Io<'a> = lamfat::StdIoWrapper<Slice<'a>>;
     fn walk(
         dir: lamfat::Dir<'_, Io<'_>, lamfat::DefaultTimeProvider, lamfat::LossyOemCpConverter>,
-        prefix: &str, out: &mut BootFiles) -> Result<()> {
+        prefix: &str,
+        out: &mut BootFiles,
+    ) -> Result<()> {
         for e in dir.iter() {
             let e = e.map_err(|e| anyhow!("reading a FAT directory: {e:?}"))?;
             let name = e.file_name();

@@ -197,7 +197,12 @@ pub fn render_text(info: &ImageInfo) -> String {
     }
     s.push_str("boot files:\n");
     for f in &info.boot_files {
-        s.push_str(&format!("  {:50} {:>10}  {}\n", f.path, human(f.size), &f.sha256[..16]));
+        s.push_str(&format!(
+            "  {:50} {:>10}  {}\n",
+            f.path,
+            human(f.size),
+            &f.sha256[..16]
+        ));
     }
     s
 }

@@ -50,7 +50,9 @@ pub fn build_node(plan: &NodePlan, out_dir: &Path) -> Result<ImageReport> {
 
     // 1. One pass over the base: boot files and the numbers that size the root filesystem.
     let pb = crate::progress::bytes(base_len, format!("{node}: scanning base"));
-    let scan = base::scan(base_path, &plan.board.spec.devicetree.copy, &|n| pb.set_position(n))?;
+    let scan = base::scan(base_path, &plan.board.spec.devicetree.copy, &|n| {
+        pb.set_position(n)
+    })?;
     pb.finish_and_clear();
 
     let epoch = source_date_epoch(scan.max_mtime)?;

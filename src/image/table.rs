@@ -30,7 +30,11 @@ fn write_gpt(file: &mut File, layout: &Layout, ids: &DiskIds) -> Result<()> {
             unique_partition_guid: ids.partition_guids[p.index].to_gpt_bytes(),
             starting_lba: p.start / 512,
             ending_lba: p.end() / 512 - 1,
-            attribute_bits: if p.bootable { GPT_ATTR_LEGACY_BOOTABLE } else { 0 },
+            attribute_bits: if p.bootable {
+                GPT_ATTR_LEGACY_BOOTABLE
+            } else {
+                0
+            },
             partition_name: p.name.as_str().into(),
         };
     }
@@ -49,7 +53,10 @@ fn write_mbr(file: &mut File, layout: &Layout, ids: &DiskIds) -> Result<()> {
             .ok_or_else(|| anyhow!("partition {}: bad MBR type {}", p.name, p.type_))?;
         let lba = |b: u64, what: &str| -> Result<u32> {
             u32::try_from(b / 512).with_context(|| {
-                format!("partition {} {what} is beyond 2 TiB, which an MBR cannot address", p.name)
+                format!(
+                    "partition {} {what} is beyond 2 TiB, which an MBR cannot address",
+                    p.name
+                )
             })
         };
         let entry = mbrman::MBRPartitionEntry {

@@ -10,7 +10,8 @@ use std::path::Path;
 
 /// Opens a tarball, detecting compression from its first bytes, not its name.
 pub fn open(path: &Path) -> Result<Box<dyn Read>> {
-    let mut f = File::open(path).with_context(|| format!("opening base tarball {}", path.display()))?;
+    let mut f =
+        File::open(path).with_context(|| format!("opening base tarball {}", path.display()))?;
     let mut magic = [0u8; 4];
     let n = f.read(&mut magic)?;
     let f = BufReader::with_capacity(1 << 20, File::open(path)?);
@@ -308,7 +309,9 @@ mod tests {
     #[test]
     fn classifies_debian_layouts() {
         assert!(matches!(classify("boot/vmlinuz-6.12.1"), Some(Kind::Kernel(v)) if v == "6.12.1"));
-        assert!(matches!(classify("usr/lib/modules/7.3.0/vmlinuz"), Some(Kind::Kernel(v)) if v == "7.3.0"));
+        assert!(
+            matches!(classify("usr/lib/modules/7.3.0/vmlinuz"), Some(Kind::Kernel(v)) if v == "7.3.0")
+        );
         assert!(matches!(
             classify("usr/lib/linux-image-6.12.1/rockchip/rk3588-turing-rk1.dtb"),
             Some(Kind::Dtb(v, r)) if v == "6.12.1" && r == "rockchip/rk3588-turing-rk1.dtb"

@@ -4,7 +4,7 @@
 use super::base::{self, CountingReader};
 use super::tree::{Kind, Tree};
 use anyhow::{Context, Result, anyhow};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -38,6 +38,10 @@ pub fn write_tar<W: Write>(
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     let mut seen_dirs: BTreeSet<String> = BTreeSet::new();
+    // Every directory the stream has created, so a tarball that omits a parent directory still
+    // gives mke2fs a parent before the child (it does not create parents itself).
+    let mut made: HashSet<String> = HashSet::new();
+    made.insert(String::new());
     let bad = |e: std::io::Error| {
         anyhow!(
             "base tarball {} is corrupt or truncated: {e}",
@@ -55,6 +59,8 @@ pub fn write_tar<W: Write>(
                 seen_dirs.insert(path.clone());
                 if !o.implicit {
                     stats.replaced += 1;
+                    ensure_parents(&mut builder, &mut made, &path, mtime)?;
+                    made.insert(path.clone());
                     append_entry(&mut builder, &path, o, mtime)?;
                     continue;
                 }
@@ -78,8 +84,16 @@ pub fn write_tar<W: Write>(
                 .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
                 .context("writing the root filesystem stream")?;
         }
+        ensure_parents(&mut builder, &mut made, &path, mtime)?;
+        if ty.is_dir() {
+            made.insert(path.clone());
+        }
         let mut header = entry.header().clone();
-        let tar_path = if path.is_empty() { "./".to_string() } else { path.clone() };
+        let tar_path = if path.is_empty() {
+            "./".to_string()
+        } else {
+            path.clone()
+        };
         if ty.is_hard_link() || ty.is_symlink() {
             let target = entry
                 .link_name()
@@ -106,9 +120,15 @@ pub fn write_tar<W: Write>(
             continue;
         }
         stats.added += 1;
+        ensure_parents(&mut builder, &mut made, path, mtime)?;
+        if e.kind == Kind::Dir {
+            made.insert(path.clone());
+        }
         append_entry(&mut builder, path, e, mtime)?;
     }
-    builder.finish().context("finishing the root filesystem stream")?;
+    builder
+        .finish()
+        .context("finishing the root filesystem stream")?;
     Ok(stats)
 }
 
@@ -141,4 +161,34 @@ fn append_entry<W: Write>(
         }
     };
     res.with_context(|| format!("writing {path} into the root filesystem stream"))
+}
+
+/// Emits root-owned 0755 directories for any ancestors of `path` not yet in the stream.
+fn ensure_parents<W: Write>(
+    builder: &mut tar::Builder<W>,
+    made: &mut HashSet<String>,
+    path: &str,
+    mtime: u64,
+) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut p = path;
+    while let Some((parent, _)) = p.rsplit_once('/') {
+        if made.contains(parent) {
+            break;
+        }
+        missing.push(parent.to_string());
+        p = parent;
+    }
+    for dir in missing.into_iter().rev() {
+        let e = super::tree::Entry {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            implicit: true,
+        };
+        append_entry(builder, &dir, &e, mtime)?;
+        made.insert(dir);
+    }
+    Ok(())
 }

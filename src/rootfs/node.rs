@@ -29,7 +29,9 @@ pub fn network_unit(plan: &NodePlan) -> String {
 
 pub fn hosts_file(plan: &NodePlan) -> String {
     let mut s = String::from("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n");
-    s.push_str("ff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n\n# Cluster nodes (kiln inventory)\n");
+    s.push_str(
+        "ff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n\n# Cluster nodes (kiln inventory)\n",
+    );
     for (name, ip) in &plan.hosts {
         s.push_str(&format!("{ip}\t{name}\n"));
     }

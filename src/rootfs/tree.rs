@@ -31,7 +31,10 @@ pub struct Tree {
 
 impl Tree {
     fn add(&mut self, path: &str, kind: Kind, mode: u32) {
-        let path = path.trim_start_matches('/').trim_end_matches('/').to_string();
+        let path = path
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .to_string();
         // Parents first, so the stream creates directories before their children.
         let mut parent = Path::new(&path).parent();
         while let Some(p) = parent {
