@@ -87,11 +87,10 @@ pub fn write_base_tar<W: Write>(w: W) {
         };
         dir(&mut b, d, mode, 0);
     }
-    let file =
-        |b: &mut tar::Builder<W>, p: &str, mode: u32, uid: u64, gid: u64, data: &[u8]| {
-            let mut h = header(tar::EntryType::Regular, mode, uid, gid, data.len() as u64);
-            b.append_data(&mut h, p, data).unwrap();
-        };
+    let file = |b: &mut tar::Builder<W>, p: &str, mode: u32, uid: u64, gid: u64, data: &[u8]| {
+        let mut h = header(tar::EntryType::Regular, mode, uid, gid, data.len() as u64);
+        b.append_data(&mut h, p, data).unwrap();
+    };
     file(
         &mut b,
         &format!("./boot/vmlinuz-{KVER}"),
