@@ -55,6 +55,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Flash a node's eMMC through the Turing Pi 2 BMC, then power it on.
+    Flash(crate::flash::FlashArgs),
+    /// Write an image to a disk (NVMe, SD, USB) or a file, then verify it.
+    Write(crate::flash::write::WriteArgs),
+    /// Replace a failed node: build, remove from etcd, flash, power on, wait until Ready.
+    Reimage(crate::reimage::ReimageArgs),
     /// Cluster token files.
     Secrets {
         #[command(subcommand)]
@@ -137,6 +143,9 @@ pub fn run() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Flash(a) => crate::flash::run_flash(&cli.inventory, &boards_dir, &a),
+        Cmd::Write(a) => crate::flash::write::run_write(&a),
+        Cmd::Reimage(a) => crate::reimage::run(&cli.inventory, &boards_dir, &a),
         Cmd::Secrets {
             cmd: SecretsCmd::Init,
         } => {
@@ -168,7 +177,7 @@ fn load(inventory: &Path, boards: &Path, check_tokens: bool) -> Option<Config> {
     }
 }
 
-fn parse_artifacts(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
+pub(crate) fn parse_artifacts(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
     let mut m = BTreeMap::new();
     for a in args {
         let Some((name, path)) = a.split_once('=') else {

@@ -5,9 +5,11 @@
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod flash;
 pub mod image;
 pub mod plan;
 pub mod progress;
+pub mod reimage;
 pub mod rootfs;
 pub mod secrets;
 pub mod tool;

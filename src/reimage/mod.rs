@@ -1,0 +1,309 @@
+//! `kiln reimage NODE`: replace a failed node's disk with a fresh image and bring it back
+//! into its cluster. A sequence of named steps, each printed, each resumable with
+//! `--from-step`, stopping at the first failure.
+
+pub mod kube;
+
+use crate::config::{self, Config, inventory::Node, inventory::Role};
+use crate::flash::{self, BmcArgs, bmc::Bmc};
+use crate::plan::NodePlan;
+use anyhow::{Context, Result, anyhow, bail};
+use clap::ValueEnum;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Step {
+    /// Build `<out>/<node>.img` for rejoining its cluster.
+    Build,
+    /// Servers: delete the Node object so k3s removes its etcd member; wait until it is gone.
+    DeleteNode,
+    /// Power the slot off through the BMC.
+    PowerOff,
+    /// Flash the image through the BMC.
+    Flash,
+    /// Power the slot on.
+    PowerOn,
+    /// Wait until the Node is Ready again (a new boot of it).
+    WaitReady,
+}
+
+impl Step {
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// `kiln reimage`
+#[derive(clap::Args, Debug)]
+#[command(
+    long_about = "Replace a failed node: rebuild, flash and rejoin it.\n\n\
+Steps (resume any of them with --from-step):\n  \
+build       build OUT/<node>.img for rejoining (needs --artifact like `kiln build`)\n  \
+delete-node servers only: delete the Node through the Kubernetes API so k3s removes its etcd \
+member, and wait until it is gone (agents skip this)\n  \
+power-off   power the slot off through the BMC\n  \
+flash       flash the image through the BMC (as `kiln flash`)\n  \
+power-on    power the slot on\n  \
+wait-ready  wait until the Node is Ready again\n\n\
+The kubeconfig is the cluster's `kubeconfig` in the inventory, else $KUBECONFIG."
+)]
+pub struct ReimageArgs {
+    /// Node to reimage; it needs a `slot`.
+    pub node: String,
+    /// Input files for the build step: `base=ROOTFS.tar[.gz|.zst]`, `uboot=u-boot-rockchip.bin`.
+    #[arg(long = "artifact", value_name = "NAME=PATH")]
+    pub artifacts: Vec<String>,
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    /// Start at this step (after fixing what stopped an earlier run).
+    #[arg(long, value_enum, default_value_t = Step::Build)]
+    pub from_step: Step,
+    /// Flash an image older than the inventory or board profile; delete the last ready etcd
+    /// server's peer.
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds to wait for the etcd member to go and for the node to become Ready.
+    #[arg(long, default_value_t = 900, value_name = "SECS")]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub bmc: BmcArgs,
+}
+
+/// State carried between steps.
+struct Run<'a> {
+    cfg: &'a Config,
+    node: &'a Node,
+    slot: u8,
+    args: &'a ReimageArgs,
+    bmc: Option<Bmc>,
+    kube: Option<kube::Kube>,
+    /// The Node's boot ID before power-off: Ready with the same boot ID is the old boot.
+    old_boot: Option<String>,
+}
+
+pub fn run(inventory: &Path, boards: &Path, args: &ReimageArgs) -> Result<ExitCode> {
+    let building = args.from_step == Step::Build;
+    let artifacts = crate::cli::parse_artifacts(&args.artifacts)?;
+    let cfg = config::load(inventory, boards, building)?;
+    let node = flash::lookup(&cfg, &args.node)?;
+    let slot = flash::slot_of(node)?;
+    let mut r = Run {
+        cfg: &cfg,
+        node,
+        slot,
+        args,
+        bmc: None,
+        kube: None,
+        old_boot: None,
+    };
+    let steps = Step::value_variants();
+    for (i, &step) in steps.iter().enumerate() {
+        if step < args.from_step {
+            continue;
+        }
+        println!("[{}/{}] {}: {}", i + 1, steps.len(), node.name, step.name());
+        let started = Instant::now();
+        let res = match step {
+            Step::Build => r.build(&artifacts),
+            Step::DeleteNode => r.delete_node(),
+            Step::PowerOff => r.power_off(),
+            Step::Flash => r.flash(),
+            Step::PowerOn => r.bmc().and_then(|b| b.power(slot, true)),
+            Step::WaitReady => r.wait_ready(),
+        };
+        if let Err(e) = res {
+            return Err(e.context(format!(
+                "step `{}` failed; fix the cause and resume with `kiln reimage {} --from-step {}`",
+                step.name(),
+                node.name,
+                step.name()
+            )));
+        }
+        println!("      done in {:.0} s", started.elapsed().as_secs_f64());
+    }
+    println!("{}: reimaged and Ready", node.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The plan for an image that rejoins a running cluster. Rejoining differs from a first join
+/// only in what the node's files say (node password, no cluster-init), which the plan does not
+/// model yet; until it does, this is the node's normal plan.
+fn plan_for_rejoin(
+    cfg: &Config,
+    node: &str,
+    artifacts: &BTreeMap<String, PathBuf>,
+) -> Result<NodePlan> {
+    crate::plan::plan_node(cfg, node, artifacts)
+}
+
+impl Run<'_> {
+    fn image(&self) -> PathBuf {
+        self.args.out.join(format!("{}.img", self.node.name))
+    }
+
+    fn bmc(&mut self) -> Result<&Bmc> {
+        if self.bmc.is_none() {
+            self.bmc = Some(flash::connect(self.cfg, &self.args.bmc)?);
+        }
+        self.bmc
+            .as_ref()
+            .ok_or_else(|| anyhow!("BMC session missing"))
+    }
+
+    fn kube(&mut self) -> Result<&kube::Kube> {
+        if self.kube.is_none() {
+            let from_inventory = self
+                .cfg
+                .inventory
+                .cluster(&self.node.cluster)
+                .and_then(|c| c.kubeconfig.clone());
+            let path = match from_inventory {
+                Some(p) => p,
+                None => std::env::var_os("KUBECONFIG")
+                    .and_then(|v| std::env::split_paths(&v).next())
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "no kubeconfig for cluster `{}`: set `kubeconfig` in its [[cluster]] or KUBECONFIG",
+                            self.node.cluster
+                        )
+                    })?,
+            };
+            self.kube = Some(kube::Kube::from_kubeconfig(&path)?);
+        }
+        self.kube
+            .as_ref()
+            .ok_or_else(|| anyhow!("Kubernetes client missing"))
+    }
+
+    fn build(&self, artifacts: &BTreeMap<String, PathBuf>) -> Result<()> {
+        crate::image::ext4::check_mke2fs()?;
+        let plan = plan_for_rejoin(self.cfg, &self.node.name, artifacts)?;
+        let r = crate::image::build_node(&plan, &self.args.out)?;
+        println!(
+            "      {} ({})",
+            r.path.display(),
+            config::size::human(r.size)
+        );
+        Ok(())
+    }
+
+    fn delete_node(&mut self) -> Result<()> {
+        let name = self.node.name.clone();
+        let ip = self.node.ip.to_string();
+        let role = self.node.role;
+        let force = self.args.force;
+        let timeout = Duration::from_secs(self.args.timeout);
+        let k = self.kube()?;
+        let existing = k.node(&name)?;
+        if let Some(n) = &existing {
+            // The same name in another cluster must not be touched: check the address too.
+            if let Some(found) = kube::internal_ip(n)
+                && found != ip
+            {
+                bail!(
+                    "Node {name} in this cluster has InternalIP {found}; expected {ip} from the inventory — is the kubeconfig for cluster `{}`?",
+                    self.node.cluster
+                );
+            }
+            self.old_boot = kube::boot_id(n);
+        }
+        if role == Role::Agent {
+            println!("      skipped: agents have no etcd member");
+            return Ok(());
+        }
+        let Some(_) = existing else {
+            println!("      Node {name} is already gone");
+            return Ok(());
+        };
+        let k = self.kube()?;
+        let peers = k
+            .nodes()?
+            .into_iter()
+            .filter(|n| kube::name(n) != name && kube::is_etcd(n) && kube::is_ready(n))
+            .count();
+        if peers == 0 && !force {
+            bail!(
+                "no other Ready etcd server in the cluster; removing {name} would leave no cluster to rejoin (pass --force if the cluster is being rebuilt)"
+            );
+        }
+        k.delete_node(&name)?;
+        // k3s's etcd member controller holds the Node (finalizer) until it has removed the
+        // member, so the Node vanishing means the member is gone.
+        let start = Instant::now();
+        let pb = crate::progress::spinner(format!(
+            "{name}: waiting for the Node and its etcd member to go"
+        ));
+        while k.node(&name)?.is_some() {
+            if start.elapsed() > timeout {
+                pb.finish_and_clear();
+                bail!(
+                    "Node {name} still exists after {} s; expected k3s to remove its etcd member and the Node (check `kubectl get node {name} -o yaml` finalizers)",
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        pb.finish_and_clear();
+        println!("      Node {name} and its etcd member are gone");
+        Ok(())
+    }
+
+    fn power_off(&mut self) -> Result<()> {
+        let node = self.node;
+        if self.old_boot.is_none()
+            && let Ok(k) = self.kube()
+            && let Ok(Some(n)) = k.node(&node.name)
+        {
+            self.old_boot = kube::boot_id(&n);
+        }
+        let slot = self.slot;
+        let b = self.bmc()?;
+        b.power(slot, false)?;
+        if b.power_state(slot)? {
+            bail!("slot {slot} still reports power on after power off");
+        }
+        Ok(())
+    }
+
+    fn flash(&mut self) -> Result<()> {
+        let image = self.image();
+        flash::check_image(self.cfg, self.node, &image, self.args.force)
+            .context("run the build step first (--from-step build with --artifact)")?;
+        let xz = flash::xz::ensure(&image)?;
+        let (node, slot, bmc_args) = (self.node, self.slot, self.args.bmc.clone());
+        let b = self.bmc()?;
+        flash::flash(b, node, slot, &xz, &bmc_args)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let name = self.node.name.clone();
+        let old = self.old_boot.clone();
+        let timeout = Duration::from_secs(self.args.timeout);
+        let k = self.kube()?;
+        let start = Instant::now();
+        let pb = crate::progress::spinner(format!("{name}: waiting for the Node to be Ready"));
+        loop {
+            if let Some(n) = k.node(&name)?
+                && kube::is_ready(&n)
+                && (old.is_none() || kube::boot_id(&n) != old)
+            {
+                pb.finish_and_clear();
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                pb.finish_and_clear();
+                bail!(
+                    "Node {name} is not Ready after {} s; expected the new boot to join (watch the console: tpi uart -n {} get)",
+                    timeout.as_secs(),
+                    self.slot
+                );
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! TEST DOUBLE: a fake Kubernetes API server on 127.0.0.1 (CA-signed certificate, bearer
+//! token) holding Node objects, enough for `kiln reimage`: get/list/delete nodes. Deleting a
+//! Node takes two more reads to finish, as k3s's etcd finalizer would. A node whose BMC slot
+//! is powered on again after a flash comes back Ready with a new boot ID.
+
+use super::http::{self, Request, Response};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+pub const TOKEN: &str = "kube-test-token";
+
+#[derive(Default)]
+pub struct KState {
+    pub nodes: BTreeMap<String, Value>,
+    pub deleting: BTreeMap<String, u32>,
+    pub requests: Vec<Request>,
+}
+
+pub struct FakeKube {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    pub state: Arc<Mutex<KState>>,
+}
+
+pub fn node(name: &str, ip: &str, ready: bool, etcd: bool, boot: &str) -> Value {
+    let mut labels = json!({});
+    if etcd {
+        labels = json!({"node-role.kubernetes.io/etcd": "true", "node-role.kubernetes.io/control-plane": "true"});
+    }
+    json!({"kind":"Node","metadata":{"name":name,"labels":labels},
+           "status":{"addresses":[{"type":"InternalIP","address":ip}],
+                     "nodeInfo":{"bootID":boot},
+                     "conditions":[{"type":"Ready","status": if ready {"True"} else {"Unknown"}}]}})
+}
+
+impl FakeKube {
+    /// `revive`: (node name, its BMC slot, the fake BMC, the node to return once it is back).
+    pub fn start(
+        nodes: Vec<Value>,
+        revive: Option<(String, usize, Arc<Mutex<super::bmc::State>>, Value)>,
+    ) -> FakeKube {
+        let ca = http::ca();
+        let cert = http::leaf(Some(&ca));
+        let mut st = KState::default();
+        for n in nodes {
+            st.nodes
+                .insert(n["metadata"]["name"].as_str().unwrap().to_string(), n);
+        }
+        let state = Arc::new(Mutex::new(st));
+        let s2 = state.clone();
+        let addr = http::serve(&cert, "127.0.0.1", 0, move |req| {
+            let mut s = s2.lock().unwrap();
+            s.requests.push(req.clone());
+            if req.header("authorization") != Some(&format!("Bearer {TOKEN}")) {
+                return Response::json(401, json!({"kind":"Status","message":"Unauthorized"}));
+            }
+            if let Some((name, slot, bmc, back)) = &revive {
+                let b = bmc.lock().unwrap();
+                let flashed_and_on = b.power[*slot - 1] && !b.uploads.is_empty();
+                let stale = s.nodes.get(name).is_none_or(|n| {
+                    n["status"]["nodeInfo"]["bootID"] != back["status"]["nodeInfo"]["bootID"]
+                });
+                if flashed_and_on && stale && !s.deleting.contains_key(name) {
+                    s.nodes.insert(name.clone(), back.clone());
+                }
+            }
+            match (req.method.as_str(), req.path.strip_prefix("/api/v1/nodes")) {
+                ("GET", Some("")) => Response::json(
+                    200,
+                    json!({"kind":"NodeList","items": s.nodes.values().cloned().collect::<Vec<_>>()}),
+                ),
+                ("GET", Some(p)) => {
+                    let name = p.trim_start_matches('/').to_string();
+                    if let Some(n) = s.deleting.get(&name).copied() {
+                        if n == 0 {
+                            s.deleting.remove(&name);
+                            s.nodes.remove(&name);
+                        } else {
+                            s.deleting.insert(name.clone(), n - 1);
+                        }
+                    }
+                    match s.nodes.get(&name) {
+                        Some(n) => Response::json(200, n.clone()),
+                        None => Response::json(
+                            404,
+                            json!({"kind":"Status","message":format!("nodes \"{name}\" not found")}),
+                        ),
+                    }
+                }
+                ("DELETE", Some(p)) => {
+                    let name = p.trim_start_matches('/').to_string();
+                    if s.nodes.contains_key(&name) {
+                        s.deleting.insert(name, 2);
+                        Response::json(200, json!({"kind":"Status","status":"Success"}))
+                    } else {
+                        Response::json(404, json!({"kind":"Status","message":"not found"}))
+                    }
+                }
+                _ => Response::json(404, json!({"kind":"Status","message":"not found"})),
+            }
+        });
+        FakeKube {
+            addr,
+            ca_pem: ca.pem,
+            state,
+        }
+    }
+
+    pub fn kubeconfig(&self) -> String {
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: default\n  cluster:\n    server: https://{}\n    certificate-authority-data: {ca}\ncontexts:\n- name: default\n  context:\n    cluster: default\n    user: default\ncurrent-context: default\nusers:\n- name: default\n  user:\n    token: {TOKEN}\n",
+            self.addr
+        )
+    }
+
+    pub fn deletes(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|r| r.method == "DELETE")
+            .map(|r| r.path.clone())
+            .collect()
+    }
+}

@@ -1,0 +1,7 @@
+//! Helpers for the flash, write and reimage tests: test doubles served on 127.0.0.1 only.
+#![allow(dead_code)]
+
+pub mod bmc;
+pub mod fixture;
+pub mod http;
+pub mod kube;

@@ -1,0 +1,281 @@
+//! `kiln write IMAGE DEVICE` onto regular files and (as root) loop devices the test creates
+//! and removes itself.
+
+mod common_bmc;
+
+use common_bmc::fixture::{Workspace, sha256_file, stderr};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::process::Command;
+
+const MIB: u64 = 1 << 20;
+
+fn image(ws: &Workspace) -> std::path::PathBuf {
+    ws.build("n1")
+}
+
+/// A file of `len` bytes full of 0xA5, so anything kiln leaves unwritten shows.
+fn garbage(p: &Path, len: u64) {
+    let f = File::create(p).unwrap();
+    let chunk = vec![0xa5u8; MIB as usize];
+    for i in 0..len / MIB {
+        f.write_all_at(&chunk, i * MIB).unwrap();
+    }
+}
+
+fn gpt(p: &Path) -> gptman::GPT {
+    gptman::GPT::read_from(&mut File::open(p).unwrap(), 512).unwrap()
+}
+
+/// The target reads back as the image over every partition, and the GPT describes the same
+/// partitions with its backup at the target's last sector.
+fn assert_written(img: &Path, target: &Path) {
+    let (gi, gt) = (gpt(img), gpt(target));
+    let tlen = File::open(target).unwrap().metadata().unwrap().len();
+    let tlen = if tlen == 0 {
+        // block device
+        std::fs::read_to_string(format!(
+            "/sys/class/block/{}/size",
+            target.file_name().unwrap().to_string_lossy()
+        ))
+        .unwrap()
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+            * 512
+    } else {
+        tlen
+    };
+    assert_eq!(
+        gt.header.backup_lba,
+        tlen / 512 - 1,
+        "GPT backup header at the end of the target"
+    );
+    assert!(gt.header.last_usable_lba >= gi.header.last_usable_lba);
+    let parts = |g: &gptman::GPT| {
+        g.iter()
+            .filter(|(_, p)| p.is_used())
+            .map(|(i, p)| (i, p.starting_lba, p.ending_lba, p.unique_partition_guid))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(parts(&gi), parts(&gt));
+    let (fi, ft) = (File::open(img).unwrap(), File::open(target).unwrap());
+    let mut a = vec![0u8; 4 * MIB as usize];
+    let mut b = vec![0u8; 4 * MIB as usize];
+    for (_, p) in gi.iter().filter(|(_, p)| p.is_used()) {
+        let (start, end) = (p.starting_lba * 512, (p.ending_lba + 1) * 512);
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(a.len());
+            fi.read_exact_at(&mut a[..n], pos).unwrap();
+            ft.read_exact_at(&mut b[..n], pos).unwrap();
+            assert!(a[..n] == b[..n], "partition data differs near byte {pos}");
+            pos += n as u64;
+        }
+    }
+    let id_img = kiln::image::inspect::identity(img).unwrap();
+    let id_dev = kiln::image::inspect::identity(target).unwrap();
+    assert_eq!(id_img, id_dev);
+}
+
+#[test]
+fn whole_write_to_a_larger_file_verifies_and_moves_the_gpt_backup() {
+    let ws = Workspace::new("write-whole", None, None, 20);
+    let img = image(&ws);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let target = ws.path("disk.raw");
+    garbage(&target, len + 64 * MIB);
+    let out = ws.kiln(&[
+        "write",
+        img.to_str().unwrap(),
+        target.to_str().unwrap(),
+        "--yes",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verified"));
+    assert_written(&img, &target);
+    // Holes of the image were written as zeros (no 0xA5 left inside the image's span).
+    let f = File::open(&target).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    f.read_exact_at(&mut buf, len - 40 * MIB).unwrap();
+    assert!(!buf.contains(&0xa5));
+}
+
+#[test]
+fn bmap_write_zeroes_the_holes_instead_of_writing_them() {
+    let ws = Workspace::new("write-bmap", None, None, 21);
+    let img = image(&ws);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let target = ws.path("disk.raw");
+    garbage(&target, len + 8 * MIB);
+    let out = ws.kiln(&[
+        "write",
+        img.to_str().unwrap(),
+        target.to_str().unwrap(),
+        "--yes",
+        "--bmap",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mapped ranges only"));
+    assert_written(&img, &target);
+    let f = File::open(&target).unwrap();
+    assert!(
+        f.metadata().unwrap().blocks() * 512 < len,
+        "holes were punched, not written"
+    );
+}
+
+#[test]
+fn an_empty_file_gets_an_exact_sparse_copy() {
+    let ws = Workspace::new("write-empty", None, None, 22);
+    let img = image(&ws);
+    let target = ws.path("copy.img");
+    File::create(&target).unwrap();
+    let out = ws.kiln(&[
+        "write",
+        img.to_str().unwrap(),
+        target.to_str().unwrap(),
+        "--yes",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        sha256_file(&img),
+        sha256_file(&target),
+        "same size: a byte-identical copy"
+    );
+    let m = std::fs::metadata(&target).unwrap();
+    assert!(m.blocks() * 512 < m.len(), "only data ranges were written");
+}
+
+#[test]
+fn refuses_small_missing_unconfirmed_and_self_targets_without_writing() {
+    let ws = Workspace::new("write-refuse", None, None, 23);
+    let img = image(&ws);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let small = ws.path("small.raw");
+    garbage(&small, len - MIB);
+    let before = sha256_file(&small);
+    let i = img.to_str().unwrap();
+
+    let out = ws.kiln(&["write", i, small.to_str().unwrap(), "--yes"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("expected a device at least as large as the image"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sha256_file(&small), before);
+
+    let out = ws.kiln(&["write", i, ws.path("nope").to_str().unwrap(), "--yes"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(
+        !ws.path("nope").exists(),
+        "a missing target is never created"
+    );
+
+    let big = ws.path("big.raw");
+    garbage(&big, len + MIB);
+    let before = sha256_file(&big);
+    let out = ws.kiln(&["write", i, big.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    assert_eq!(sha256_file(&big), before);
+
+    let out = ws.kiln(&["write", i, i, "--yes"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the image itself"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Loop device attached for the test's duration (and, if mounted, unmounted) on drop.
+struct Loop {
+    dev: String,
+    mnt: Option<std::path::PathBuf>,
+}
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let o = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("running losetup");
+        assert!(
+            o.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Loop {
+            dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            mnt: None,
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if let Some(m) = &self.mnt {
+            let _ = Command::new("umount").arg(m).status();
+        }
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+#[test]
+fn loop_devices_are_written_and_mounted_or_attached_ones_refused() {
+    assert!(
+        std::fs::metadata("/proc/self").unwrap().uid() == 0,
+        "this test attaches loop devices and needs root (CI runs it as root)"
+    );
+    let ws = Workspace::new("write-loop", None, None, 24);
+    let img = image(&ws);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let i = img.to_str().unwrap();
+
+    let backing = ws.path("loop.raw");
+    garbage(&backing, len + 32 * MIB);
+    let lo = Loop::attach(&backing);
+    // The backing file of an attached loop device is refused.
+    let out = ws.kiln(&["write", i, backing.to_str().unwrap(), "--yes"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is attached to"), "{}", stderr(&out));
+    // The block device itself is written (zeroing the holes with --bmap) and verified.
+    let out = ws.kiln(&["write", i, &lo.dev, "--yes", "--bmap"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_written(&img, Path::new(&lo.dev));
+
+    // A mounted device is refused and left alone.
+    let fsfile = ws.path("fs.raw");
+    File::create(&fsfile).unwrap().set_len(len + MIB).unwrap();
+    let mut m = Loop::attach(&fsfile);
+    assert!(
+        Command::new("mkfs.ext4")
+            .args(["-q", &m.dev])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mnt = ws.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    assert!(
+        Command::new("mount")
+            .arg(&m.dev)
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    m.mnt = Some(mnt.clone());
+    let out = ws.kiln(&["write", i, &m.dev, "--yes"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is mounted"), "{}", stderr(&out));
+    assert!(
+        mnt.join("lost+found").is_dir(),
+        "the mounted filesystem is untouched"
+    );
+}
