@@ -9,7 +9,7 @@ BASE ?=
 # The RK1's U-Boot (u-boot-rockchip.bin); RK1 nodes are skipped without it.
 UBOOT ?=
 
-.PHONY: image test setup build check lint clean
+.PHONY: image test setup build check lint tpi clean
 
 setup:
 	@bash tools/setup-host.sh
@@ -27,11 +27,17 @@ image: build
 	$(KILN) build --all --skip-missing --out $(OUT) --artifact base=$(BASE) \
 	  $(if $(UBOOT),--artifact uboot=$(UBOOT))
 
+# The official Turing Pi client, which the flash tests run against kiln's fake BMC.
+TPI_ROOT ?= $(HOME)/.cache/kiln/tpi
+export KILN_TPI ?= $(TPI_ROOT)/bin/tpi
+tpi:
+	@[ -x "$(KILN_TPI)" ] || $(CARGO) install tpi --version 1.0.7 --locked --root $(TPI_ROOT)
+
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
-test: setup lint
+test: setup lint tpi
 	$(CARGO) test --locked
 
 clean:
