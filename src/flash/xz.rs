@@ -1,11 +1,10 @@
 //! `<node>.img.xz`, the form the BMC takes: it decompresses a file whose name ends in `.xz`
 //! while writing, so only the compressed bytes cross the network.
 
-use crate::util::{AtomicFile, hex};
+use crate::util::AtomicFile;
 use anyhow::{Context, Result};
 use liblzma::stream::{Check, MtStreamBuilder};
 use liblzma::write::XzEncoder;
-use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -78,19 +77,8 @@ fn compress(img: &Path, dest: &Path) -> Result<()> {
 
 /// Length and sha256 (hex) of a file.
 pub fn hash_file(p: &Path) -> Result<(u64, String)> {
-    let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n_total = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", p.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        n_total += n as u64;
-    }
-    Ok((n_total, hex(&h.finalize())))
+    let len = std::fs::metadata(p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .len();
+    Ok((len, crate::fetch::sha256_file(p)?))
 }
