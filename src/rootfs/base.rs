@@ -5,16 +5,18 @@ use crate::config::board::DtbCopy;
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-/// Opens a tarball, detecting compression from its first bytes, not its name.
-pub fn open(path: &Path) -> Result<Box<dyn Read>> {
+/// Opens a tarball, detecting compression from its first bytes, not its name. `on_progress`
+/// gets the bytes read from the file itself (compressed), to match a bar sized by file length.
+pub fn open<'a>(path: &Path, on_progress: &'a dyn Fn(u64)) -> Result<Box<dyn Read + 'a>> {
     let mut f =
         File::open(path).with_context(|| format!("opening base tarball {}", path.display()))?;
     let mut magic = [0u8; 4];
     let n = f.read(&mut magic)?;
-    let f = BufReader::with_capacity(1 << 20, File::open(path)?);
+    f.seek(SeekFrom::Start(0))?;
+    let f = BufReader::with_capacity(1 << 20, CountingReader::new(f, on_progress));
     Ok(match &magic[..n] {
         [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(f)),
         [0x28, 0xb5, 0x2f, 0xfd] => Box::new(
@@ -136,8 +138,7 @@ fn version_key(v: &str) -> Vec<(u64, String)> {
 /// Reads the whole base once. `on_bytes` is told how many compressed bytes were consumed so far.
 pub fn scan(path: &Path, dtb_copies: &[DtbCopy], on_progress: &dyn Fn(u64)) -> Result<BaseScan> {
     let sha256 = crate::fetch::sha256_file(path)?;
-    let reader = CountingReader::new(open(path)?, on_progress);
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(open(path, on_progress)?);
     let mut found = Found::default();
     let mut entries = 0u64;
     let mut blocks = 0u64;
@@ -265,7 +266,7 @@ fn pick_kernel(path: &Path, mut found: Found) -> Result<KernelFiles> {
 }
 
 /// Counts bytes read from the compressed file, for progress.
-pub struct CountingReader<'a, R> {
+struct CountingReader<'a, R> {
     inner: R,
     count: u64,
     last: u64,
@@ -273,7 +274,7 @@ pub struct CountingReader<'a, R> {
 }
 
 impl<'a, R> CountingReader<'a, R> {
-    pub fn new(inner: R, cb: &'a dyn Fn(u64)) -> Self {
+    fn new(inner: R, cb: &'a dyn Fn(u64)) -> Self {
         CountingReader {
             inner,
             count: 0,

@@ -1,7 +1,7 @@
 //! The root filesystem as one tar stream: base ⊕ overlay, written straight into `mke2fs -d -`.
 //! Nothing is extracted to the host, so ownership, modes and device nodes survive without root.
 
-use super::base::{self, CountingReader};
+use super::base;
 use super::tree::{Kind, Tree};
 use anyhow::{Context, Result, anyhow};
 use std::collections::{BTreeSet, HashSet};
@@ -33,8 +33,7 @@ pub fn write_tar<W: Write>(
     on_progress: &dyn Fn(u64),
 ) -> Result<MergeStats> {
     let mut stats = MergeStats::default();
-    let reader = CountingReader::new(base::open(base_path)?, on_progress);
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(base::open(base_path, on_progress)?);
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     let mut seen_dirs: BTreeSet<String> = BTreeSet::new();
