@@ -1,8 +1,9 @@
 //! Command line: parse, call one stage, print results once. Errors go to stderr, non-zero exit.
 
-use crate::config::{self, Config, size::human};
+use crate::config::{self, Config};
+use crate::fetch::Cache;
 use crate::image;
-use crate::plan::{self, MissingArtifacts};
+use crate::plan;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
@@ -22,6 +23,10 @@ pub struct Cli {
     /// Board profile directory [default: boards/ beside the inventory].
     #[arg(long, global = true)]
     boards: Option<PathBuf>,
+    /// Cache of Debian bases and downloads [default: $KILN_CACHE_DIR, $XDG_CACHE_HOME/kiln or
+    /// ~/.cache/kiln].
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -33,6 +38,10 @@ enum Cmd {
     /// List the board profiles.
     Boards,
     /// Build node images into the output directory (`<node>.img`).
+    ///
+    /// Inputs come from the cache or are made once per run: the Debian base of each board
+    /// recipe (mmdebstrap), the k3s binary and airgap images of each architecture (downloaded
+    /// from [k3s] release_url and checked against the release's sha256sum file).
     Build {
         /// Nodes to build.
         nodes: Vec<String>,
@@ -41,13 +50,24 @@ enum Cmd {
         all: bool,
         #[arg(long, default_value = "out")]
         out: PathBuf,
-        /// Input files: `base=ROOTFS.tar[.gz|.zst]`, `uboot=u-boot-rockchip.bin`.
+        /// Input files: `uboot=u-boot-rockchip.bin`; overrides: `base=ROOTFS.tar[.gz|.zst]`,
+        /// `k3s=BINARY`, `k3s-images=AIRGAP.tar.zst` (offline builds).
         #[arg(long = "artifact", value_name = "NAME=PATH")]
         artifacts: Vec<String>,
         /// Skip (with a one-line reason) nodes whose board needs an artifact that was not given,
         /// instead of failing.
         #[arg(long)]
         skip_missing: bool,
+        /// Image for a node that rejoins an existing cluster (reimaging): first boot never
+        /// initialises a cluster, it waits until a peer server answers and joins it.
+        #[arg(long)]
+        rejoin: bool,
+    },
+    /// Build (or show) the cached Debian base of each board's recipe.
+    Base {
+        /// Boards [default: every board with a [debian] recipe].
+        #[arg(value_name = "BOARD")]
+        board_names: Vec<String>,
     },
     /// Show an image's partition table, partitions, boot files and the node it was built for.
     Inspect {
@@ -127,12 +147,84 @@ pub fn run() -> Result<ExitCode> {
             out,
             artifacts,
             skip_missing,
+            rejoin,
         } => {
             let supplied = parse_artifacts(&artifacts)?;
             let Some(cfg) = load(&cli.inventory, &boards_dir, true) else {
                 return Ok(ExitCode::from(1));
             };
-            build(&cfg, nodes, all, &out, &supplied, skip_missing)
+            let nodes = match (all, nodes.is_empty()) {
+                (true, true) => cfg.inventory.nodes.iter().map(|n| n.name.clone()).collect(),
+                (false, false) => nodes,
+                (true, false) => bail!("give node names or --all, not both"),
+                (false, true) => bail!("no nodes given; name them or pass --all"),
+            };
+            let req = crate::build::Request {
+                cfg: &cfg,
+                nodes,
+                out,
+                supplied,
+                skip_missing,
+                join: if rejoin {
+                    plan::JoinMode::Rejoin
+                } else {
+                    plan::JoinMode::Init
+                },
+                cache: Cache::locate(cli.cache_dir.as_deref())?,
+            };
+            let o = crate::build::run(&req)?;
+            if !o.failed.is_empty() {
+                eprintln!(
+                    "{} of {} image(s) failed",
+                    o.failed.len(),
+                    o.failed.len() + o.built.len()
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Base { board_names } => {
+            let all = config::board::load_dir(&boards_dir).map_err(config::diag::Diagnostics)?;
+            let cfg_inv = config::load(&cli.inventory, &boards_dir, false).ok();
+            let mirror = cfg_inv
+                .as_ref()
+                .and_then(|c| c.inventory.debian.mirror.clone());
+            let cache = Cache::locate(cli.cache_dir.as_deref())?;
+            let names: Vec<String> = if board_names.is_empty() {
+                all.values()
+                    .filter(|b| b.spec.debian.is_some())
+                    .map(|b| b.name().to_string())
+                    .collect()
+            } else {
+                board_names
+            };
+            for n in names {
+                let Some(b) = all.get(&n) else {
+                    bail!(
+                        "no board `{n}` in {}; expected one of: {}",
+                        boards_dir.display(),
+                        all.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                };
+                let Some(d) = &b.spec.debian else {
+                    bail!("board `{n}` ({}) has no [debian] recipe", b.path.display());
+                };
+                let recipe =
+                    crate::rootfs::bootstrap::Recipe::new(b.spec.arch, d, mirror.as_deref());
+                let pb = crate::progress::spinner(format!("{n}: mmdebstrap"));
+                let r = crate::rootfs::bootstrap::ensure(&cache, &recipe, &|l| {
+                    pb.set_message(format!("{n}: {l}"))
+                });
+                pb.finish_and_clear();
+                let r = r?;
+                println!(
+                    "{n}: {} {} ({})",
+                    if r.reused { "cached" } else { "built" },
+                    r.path.display(),
+                    recipe.describe()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Inspect { image, json } => {
             let info = image::inspect::inspect(&image)?;
@@ -145,7 +237,12 @@ pub fn run() -> Result<ExitCode> {
         }
         Cmd::Flash(a) => crate::flash::run_flash(&cli.inventory, &boards_dir, &a),
         Cmd::Write(a) => crate::flash::write::run_write(&a),
-        Cmd::Reimage(a) => crate::reimage::run(&cli.inventory, &boards_dir, &a),
+        Cmd::Reimage(a) => crate::reimage::run(
+            &cli.inventory,
+            &boards_dir,
+            Cache::locate(cli.cache_dir.as_deref())?,
+            &a,
+        ),
         Cmd::Secrets {
             cmd: SecretsCmd::Init,
         } => {
@@ -192,65 +289,4 @@ pub(crate) fn parse_artifacts(args: &[String]) -> Result<BTreeMap<String, PathBu
         }
     }
     Ok(m)
-}
-
-fn build(
-    cfg: &Config,
-    nodes: Vec<String>,
-    all: bool,
-    out: &Path,
-    supplied: &BTreeMap<String, PathBuf>,
-    skip_missing: bool,
-) -> Result<ExitCode> {
-    let names: Vec<String> = match (all, nodes.is_empty()) {
-        (true, true) => cfg.inventory.nodes.iter().map(|n| n.name.clone()).collect(),
-        (false, false) => nodes,
-        (true, false) => bail!("give node names or --all, not both"),
-        (false, true) => bail!("no nodes given; name them or pass --all"),
-    };
-    image::ext4::check_mke2fs()?;
-    let mut plans = Vec::new();
-    for n in &names {
-        match plan::plan_node(cfg, n, supplied) {
-            Ok(p) => plans.push(p),
-            Err(e) if skip_missing && e.downcast_ref::<MissingArtifacts>().is_some() => {
-                if let Some(m) = e.downcast_ref::<MissingArtifacts>() {
-                    let what: Vec<&str> = m
-                        .missing
-                        .iter()
-                        .map(|s| s.split(' ').next().unwrap_or(""))
-                        .collect();
-                    eprintln!(
-                        "skip {n}: board {} needs --artifact {}",
-                        m.board,
-                        what.join(", ")
-                    );
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let mut failed = 0;
-    for p in &plans {
-        match image::build_node(p, out) {
-            Ok(r) => println!(
-                "{}: {} {} ({} data), kernel {}, {:.1} s",
-                r.node,
-                r.path.display(),
-                human(r.size),
-                human(r.allocated),
-                r.kernel_version,
-                r.seconds
-            ),
-            Err(e) => {
-                failed += 1;
-                eprintln!("error: {}: {e:#}", p.node.name);
-            }
-        }
-    }
-    if failed > 0 {
-        eprintln!("{failed} of {} image(s) failed", plans.len());
-        return Ok(ExitCode::from(1));
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 //!
 //! Stages, each a module: config → plan → fetch → rootfs → image.
 
+pub mod build;
 pub mod cli;
 pub mod config;
 pub mod fetch;

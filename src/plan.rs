@@ -3,7 +3,8 @@
 
 use crate::config::Config;
 use crate::config::board::{Board, TableKind};
-use crate::config::inventory::{Network, Node, Role, Target};
+use crate::config::inventory::{K3s, Network, Node, Role, Target};
+use crate::rootfs::bootstrap::Recipe;
 use crate::util::Guid;
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -46,6 +47,44 @@ impl DiskIds {
     }
 }
 
+/// Whether an image may create its cluster. Every image made for reimaging is `Rejoin`: a
+/// node that once belonged to a cluster must never initialise a second one (split brain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinMode {
+    /// The bootstrap server may initialise when no peer answers (fresh cluster).
+    #[default]
+    Init,
+    /// Never initialise; wait until a peer answers, then join it.
+    Rejoin,
+}
+
+impl JoinMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinMode::Init => "init",
+            JoinMode::Rejoin => "rejoin",
+        }
+    }
+}
+
+/// Where the base root filesystem comes from.
+#[derive(Debug, Clone)]
+pub enum BaseInput {
+    /// `--artifact base=`.
+    File(PathBuf),
+    /// Built by mmdebstrap from the board's recipe (cached).
+    Debian(Recipe),
+}
+
+/// Where k3s comes from: the release, with either file overridden by `--artifact`.
+#[derive(Debug, Clone)]
+pub struct K3sInput {
+    pub release: Option<K3s>,
+    pub binary: Option<PathBuf>,
+    pub images: Option<PathBuf>,
+}
+
 /// The identity kiln embeds in every image (boot partition `kiln.json` and `/etc/kiln/node.json`).
 /// Holds no secrets: it sits on the FAT partition.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -64,6 +103,12 @@ pub struct Identity {
     pub base_sha256: String,
     /// Unix time the image content is stamped with (SOURCE_DATE_EPOCH or the base's newest file).
     pub build_epoch: u64,
+    /// `init` or `rejoin` (`kiln build --rejoin`, every reimage).
+    #[serde(default)]
+    pub join: JoinMode,
+    /// k3s release tag, or `custom` for `--artifact k3s=`.
+    #[serde(default)]
+    pub k3s_version: String,
 }
 
 /// Everything needed to write one node's image.
@@ -76,8 +121,16 @@ pub struct NodePlan {
     /// Every node of the inventory (name, ip), for /etc/hosts.
     pub hosts: Vec<(String, Ipv4Addr)>,
     pub ids: DiskIds,
-    /// Files the user supplied, by artifact name (`base`, `uboot`, ...).
+    /// Loader blobs the user supplied, by artifact name (`uboot`, ...).
     pub artifacts: BTreeMap<String, PathBuf>,
+    pub base: BaseInput,
+    pub k3s: K3sInput,
+    pub join: JoinMode,
+    /// The cluster's token file (read only while the root filesystem is written).
+    pub token_file: PathBuf,
+    /// Addresses of the cluster's servers other than this node, in inventory order: whom first
+    /// boot probes and joins.
+    pub peers: Vec<Ipv4Addr>,
 }
 
 impl NodePlan {
@@ -102,15 +155,17 @@ impl NodePlan {
     }
 }
 
-/// Where users get the base root filesystem until kiln builds it itself.
+/// Where users get a base root filesystem for a board without a `[debian]` recipe.
 pub const BASE_SOURCE: &str = "a Debian root filesystem tarball with a kernel and initramfs \
-(e.g. `mmdebstrap --arch=arm64 --include=linux-image-arm64,initramfs-tools,systemd-sysv trixie base.tar.zst`)";
+(e.g. `mmdebstrap --arch=arm64 --include=linux-image-arm64,initramfs-tools,systemd-sysv trixie base.tar.zst`), \
+or add a [debian] recipe to the board profile so kiln builds it";
 
 /// Builds the plan for one node, checking that every artifact its board needs was supplied.
 pub fn plan_node(
     config: &Config,
     node_name: &str,
     supplied: &BTreeMap<String, PathBuf>,
+    join: JoinMode,
 ) -> Result<NodePlan> {
     let inv = &config.inventory;
     let Some(node) = inv.node(node_name) else {
@@ -126,13 +181,34 @@ pub fn plan_node(
     };
     let mut artifacts = BTreeMap::new();
     let mut missing = Vec::new();
-    match supplied.get("base") {
-        Some(p) => {
-            artifacts.insert("base".to_string(), p.clone());
+    let base = match (supplied.get("base"), &board.spec.debian) {
+        (Some(p), _) => Some(BaseInput::File(p.clone())),
+        (None, Some(recipe)) => Some(BaseInput::Debian(Recipe::new(
+            board.spec.arch,
+            recipe,
+            inv.debian.mirror.as_deref(),
+        ))),
+        (None, None) => {
+            missing.push(format!(
+                "base (root filesystem): pass --artifact base=ROOTFS.tar[.gz|.zst]; {BASE_SOURCE}"
+            ));
+            None
         }
-        None => missing.push(format!(
-            "base (root filesystem): pass --artifact base=ROOTFS.tar[.gz|.zst]; {BASE_SOURCE}"
-        )),
+    };
+    let k3s = K3sInput {
+        release: inv.k3s.clone(),
+        binary: supplied.get("k3s").cloned(),
+        images: supplied.get("k3s-images").cloned(),
+    };
+    if k3s.release.is_none() {
+        for (name, have) in [("k3s", &k3s.binary), ("k3s-images", &k3s.images)] {
+            if have.is_none() {
+                missing.push(format!(
+                    "{name}: set [k3s] version in {} so kiln downloads it, or pass --artifact {name}=FILE",
+                    inv.path.display()
+                ));
+            }
+        }
     }
     for blob in &board.spec.blobs {
         match supplied.get(&blob.artifact) {
@@ -151,14 +227,26 @@ pub fn plan_node(
             }
         }
     }
-    if !missing.is_empty() {
+    let (Some(base), true) = (base, missing.is_empty()) else {
         return Err(MissingArtifacts {
             node: node_name.to_string(),
             board: board.name().to_string(),
             missing,
         }
         .into());
-    }
+    };
+    let token_file = inv
+        .cluster(&node.cluster)
+        .map(|c| c.token_file.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!("node `{node_name}`: cluster `{}` not defined", node.cluster)
+        })?;
+    let peers = inv
+        .nodes
+        .iter()
+        .filter(|n| n.cluster == node.cluster && n.role == Role::Server && n.name != node.name)
+        .map(|n| n.ip)
+        .collect();
     Ok(NodePlan {
         node: node.clone(),
         board: board.clone(),
@@ -167,6 +255,11 @@ pub fn plan_node(
         hosts: inv.nodes.iter().map(|n| (n.name.clone(), n.ip)).collect(),
         ids: DiskIds::derive(&node.cluster, &node.name, board.spec.partitions.len()),
         artifacts,
+        base,
+        k3s,
+        join,
+        token_file,
+        peers,
     })
 }
 

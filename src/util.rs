@@ -141,6 +141,17 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Writes a whole small file through [`AtomicFile`].
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = AtomicFile::create(dest)?;
+    f.file()
+        .write_all(bytes)
+        .with_context(|| format!("writing {}", dest.display()))?;
+    f.commit()?;
+    Ok(())
+}
+
 /// Build timestamp: `SOURCE_DATE_EPOCH` when set (reproducible builds), else `fallback`.
 pub fn source_date_epoch(fallback: u64) -> Result<u64> {
     match std::env::var("SOURCE_DATE_EPOCH") {

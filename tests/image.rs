@@ -122,6 +122,7 @@ fn build(
         args.push("--artifact".into());
         args.push(format!("uboot={}", u.display()));
     }
+    args.extend(ws.k3s_args());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     ws.kiln(&refs)
 }
@@ -444,13 +445,15 @@ fn missing_or_oversized_loader_is_a_clear_error() {
     );
 
     // make image's mode: skip with a one-line reason, build the rest.
-    let o = ws.kiln(&[
-        "build",
-        "--all",
-        "--skip-missing",
-        "--artifact",
-        &format!("base={}", bases.tar.display()),
-    ]);
+    let mut args = vec![
+        "build".to_string(),
+        "--all".into(),
+        "--skip-missing".into(),
+        "--artifact".into(),
+        format!("base={}", bases.tar.display()),
+    ];
+    args.extend(ws.k3s_args());
+    let o = ws.kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_ok(&o, "build --all --skip-missing");
     for n in ["rk1-1", "rk1-2", "rk1-3", "rk1-4"] {
         assert!(

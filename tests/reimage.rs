@@ -43,14 +43,9 @@ fn setup(
 }
 
 fn reimage(ws: &Workspace, node: &str, extra: &[&str]) -> std::process::Output {
-    let mut a = vec![
-        "reimage",
-        node,
-        "--artifact",
-        "base=base.tar",
-        "--timeout",
-        "60",
-    ];
+    let art = ws.artifact_args();
+    let mut a = vec!["reimage", node, "--timeout", "60"];
+    a.extend(art.iter().map(String::as_str));
     a.extend_from_slice(extra);
     ws.kiln(&a)
 }

@@ -203,6 +203,35 @@ pub struct BoardFile {
     pub devicetree: DeviceTree,
     #[serde(default)]
     pub rpi: RpiConfig,
+    /// How kiln builds this board's base root filesystem; without it, `--artifact base=` is needed.
+    pub debian: Option<DebianRecipe>,
+}
+
+/// A Debian root filesystem recipe for mmdebstrap. The base cache is keyed by it, so boards with
+/// the same recipe share one base.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DebianRecipe {
+    /// Release, e.g. `trixie`.
+    pub suite: String,
+    #[serde(default = "default_components")]
+    pub components: Vec<String>,
+    /// mmdebstrap variant (`apt` = Essential + apt, then only the listed packages).
+    #[serde(default = "default_variant")]
+    pub variant: String,
+    /// Further suites from the same mirror, e.g. `trixie-backports`; packages pick them with
+    /// apt's `name/suite` syntax.
+    #[serde(default)]
+    pub extra_suites: Vec<String>,
+    pub packages: Vec<String>,
+}
+
+fn default_components() -> Vec<String> {
+    vec!["main".to_string()]
+}
+
+fn default_variant() -> String {
+    "apt".to_string()
 }
 
 /// A validated board profile.
@@ -285,6 +314,77 @@ pub fn load_file(path: &Path) -> Result<Board, Vec<Diagnostic>> {
     }
 }
 
+/// Names that end up on mmdebstrap's command line: no spaces, commas or shell syntax.
+fn is_plain_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-+._:/~=".contains(&c))
+}
+
+fn validate_recipe(
+    src: &Source,
+    d: &mut Vec<Diagnostic>,
+    r: &DebianRecipe,
+    key_span: &dyn Fn(&str) -> std::ops::Range<usize>,
+) {
+    const VARIANTS: &[&str] = &[
+        "extract",
+        "custom",
+        "essential",
+        "apt",
+        "required",
+        "minbase",
+        "buildd",
+        "important",
+        "debootstrap",
+        "standard",
+    ];
+    if !VARIANTS.contains(&r.variant.as_str()) {
+        d.push(src.diag(
+            key_span("variant"),
+            "debian.variant",
+            format!(
+                "unknown variant `{}`; expected one of: {}",
+                r.variant,
+                VARIANTS.join(", ")
+            ),
+        ));
+    }
+    let lists: [(&str, Vec<&String>); 4] = [
+        ("suite", vec![&r.suite]),
+        ("components", r.components.iter().collect()),
+        ("extra_suites", r.extra_suites.iter().collect()),
+        ("packages", r.packages.iter().collect()),
+    ];
+    for (field, values) in lists {
+        for v in values {
+            if !is_plain_word(v) {
+                d.push(src.diag(
+                    key_span(field),
+                    format!("debian.{field}"),
+                    format!(
+                        "`{v}` is not a plain name; expected letters, digits and -+._:/~= only"
+                    ),
+                ));
+            }
+        }
+    }
+    for p in &r.packages {
+        if let Some((_, suite)) = p.split_once('/')
+            && suite != r.suite
+            && !r.extra_suites.iter().any(|s| s == suite)
+        {
+            d.push(src.diag(
+                key_span("packages"),
+                "debian.packages",
+                format!(
+                    "`{p}` asks for suite `{suite}`, which the recipe does not use; expected it in extra_suites"
+                ),
+            ));
+        }
+    }
+}
+
 const GPT_TYPES: &[(&str, &str)] = &[
     ("esp", "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
     ("basic-data", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"),
@@ -361,6 +461,9 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
             "slots",
             "0 slots; expected 1 or more, or leave `slots` out for a board without slots",
         ));
+    }
+    if let Some(r) = &b.debian {
+        validate_recipe(src, &mut d, r, &key_span);
     }
     if b.partitions.is_empty() {
         d.push(src.diag(

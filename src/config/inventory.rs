@@ -32,6 +32,8 @@ pub enum Target {
 struct RawInventory {
     network: RawNetwork,
     bmc: Option<Bmc>,
+    k3s: Option<RawK3s>,
+    debian: Option<DebianOptions>,
     #[serde(default)]
     defaults: RawOptions,
     #[serde(rename = "cluster", default)]
@@ -65,6 +67,31 @@ struct RawCluster {
     name: Spanned<String>,
     token_file: Spanned<String>,
     kubeconfig: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawK3s {
+    version: Spanned<String>,
+    release_url: Option<Spanned<String>>,
+}
+
+/// Where k3s comes from: `<release_url>/<version>/<asset>`.
+#[derive(Debug, Clone, Serialize)]
+pub struct K3s {
+    /// A k3s release tag, e.g. `v1.33.5+k3s1`.
+    pub version: String,
+    pub release_url: String,
+}
+
+pub const DEFAULT_K3S_RELEASE_URL: &str = "https://github.com/k3s-io/k3s/releases/download";
+
+/// Inventory-wide settings for the Debian bases kiln builds.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebianOptions {
+    /// Debian mirror URL; mmdebstrap's default when absent.
+    pub mirror: Option<String>,
 }
 
 /// The Turing Pi 2 BMC that flashes and powers the slotted nodes. The password is never in the
@@ -138,6 +165,8 @@ pub struct Inventory {
     pub sha256: String,
     pub network: Network,
     pub bmc: Option<Bmc>,
+    pub k3s: Option<K3s>,
+    pub debian: DebianOptions,
     pub clusters: Vec<Cluster>,
     pub nodes: Vec<Node>,
 }
@@ -217,6 +246,17 @@ fn validate(
             raw.network.gateway.span(),
             "network.gateway",
             format!("{gw} is outside {net}; expected an address in the network"),
+        ));
+    }
+
+    let k3s = raw.k3s.as_ref().map(|k| validate_k3s(src, &mut d, k));
+    if let Some(m) = raw.debian.as_ref().and_then(|x| x.mirror.as_ref())
+        && !(m.starts_with("http://") || m.starts_with("https://") || m.starts_with("file://"))
+    {
+        d.push(src.diag(
+            0..0,
+            "debian.mirror",
+            format!("`{m}` is not a URL; expected http://, https:// or file://"),
         ));
     }
 
@@ -446,9 +486,47 @@ fn validate(
             ntp: raw.network.ntp,
         },
         bmc: raw.bmc,
+        k3s,
+        debian: raw.debian.unwrap_or_default(),
         clusters,
         nodes,
     })
+}
+
+fn validate_k3s(src: &Source, d: &mut Vec<Diagnostic>, k: &RawK3s) -> K3s {
+    let v = k.version.get_ref();
+    // A release tag: `v1.33.5+k3s1`; it becomes a URL path segment and a cache key.
+    let ok = v.starts_with('v')
+        && v.len() > 1
+        && v.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b".+-_".contains(&c));
+    if !ok {
+        d.push(src.diag(
+            k.version.span(),
+            "k3s.version",
+            format!("`{v}` is not a k3s release tag; expected e.g. \"v1.33.5+k3s1\""),
+        ));
+    }
+    let url = match &k.release_url {
+        Some(u) => {
+            let s = u.get_ref().trim_end_matches('/').to_string();
+            if !(s.starts_with("http://") || s.starts_with("https://")) {
+                d.push(src.diag(
+                    u.span(),
+                    "k3s.release_url",
+                    format!(
+                        "`{s}` is not an http(s) URL; expected e.g. \"{DEFAULT_K3S_RELEASE_URL}\""
+                    ),
+                ));
+            }
+            s
+        }
+        None => DEFAULT_K3S_RELEASE_URL.to_string(),
+    };
+    K3s {
+        version: v.clone(),
+        release_url: url,
+    }
 }
 
 fn check_token_file(src: &Source, d: &mut Vec<Diagnostic>, i: usize, c: &RawCluster, path: &Path) {

@@ -12,8 +12,10 @@ pub mod table;
 
 use crate::config::board::{Content, PartSize};
 use crate::config::size::MIB;
+use crate::fetch::k3s::K3sFiles;
 use crate::plan::{Identity, NodePlan};
 use crate::rootfs::{self, base, merge};
+use crate::secrets::Token;
 use crate::util::{AtomicFile, source_date_epoch};
 use anyhow::{Context, Result, anyhow};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -33,17 +35,23 @@ pub struct ImageReport {
     /// Bytes actually allocated (the image is sparse).
     pub allocated: u64,
     pub kernel_version: String,
+    pub k3s_version: String,
     pub seconds: f64,
 }
 
+/// The resolved inputs of a node: files on disk, fetched or built by the earlier stages.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub base: PathBuf,
+    pub k3s: K3sFiles,
+}
+
 /// Builds one node's image into `out_dir/<node>.img`.
-pub fn build_node(plan: &NodePlan, out_dir: &Path) -> Result<ImageReport> {
+pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<ImageReport> {
     let started = Instant::now();
     let node = &plan.node.name;
-    let base_path = plan
-        .artifacts
-        .get("base")
-        .ok_or_else(|| anyhow!("no base artifact for {node}"))?;
+    let base_path = &inputs.base;
+    let token = Token::read(&plan.token_file)?;
     let base_len = std::fs::metadata(base_path)
         .with_context(|| format!("reading base tarball {}", base_path.display()))?
         .len();
@@ -70,9 +78,11 @@ pub fn build_node(plan: &NodePlan, out_dir: &Path) -> Result<ImageReport> {
         board_sha256: plan.board.sha256.clone(),
         base_sha256: scan.sha256.clone(),
         build_epoch: epoch,
+        join: plan.join,
+        k3s_version: inputs.k3s.version.clone(),
     };
     let identity_json = serde_json::to_string_pretty(&identity)? + "\n";
-    let overlay = rootfs::overlay_for(plan, &identity)?;
+    let overlay = rootfs::overlay_for(plan, &identity, &inputs.k3s, &token)?;
 
     // 2. Layout, checked before any byte is written.
     let root_spec = plan
@@ -168,6 +178,7 @@ pub fn build_node(plan: &NodePlan, out_dir: &Path) -> Result<ImageReport> {
         size: layout.disk_size,
         allocated,
         kernel_version: scan.kernel.version,
+        k3s_version: inputs.k3s.version.clone(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

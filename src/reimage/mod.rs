@@ -5,8 +5,9 @@
 pub mod kube;
 
 use crate::config::{self, Config, inventory::Node, inventory::Role};
+use crate::fetch::Cache;
 use crate::flash::{self, BmcArgs, bmc::Bmc};
-use crate::plan::NodePlan;
+use crate::plan::JoinMode;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::ValueEnum;
 use std::collections::BTreeMap;
@@ -84,9 +85,10 @@ struct Run<'a> {
     kube: Option<kube::Kube>,
     /// The Node's boot ID before power-off: Ready with the same boot ID is the old boot.
     old_boot: Option<String>,
+    cache: Cache,
 }
 
-pub fn run(inventory: &Path, boards: &Path, args: &ReimageArgs) -> Result<ExitCode> {
+pub fn run(inventory: &Path, boards: &Path, cache: Cache, args: &ReimageArgs) -> Result<ExitCode> {
     let building = args.from_step == Step::Build;
     let artifacts = crate::cli::parse_artifacts(&args.artifacts)?;
     let cfg = config::load(inventory, boards, building)?;
@@ -100,6 +102,7 @@ pub fn run(inventory: &Path, boards: &Path, args: &ReimageArgs) -> Result<ExitCo
         bmc: None,
         kube: None,
         old_boot: None,
+        cache,
     };
     let steps = Step::value_variants();
     for (i, &step) in steps.iter().enumerate() {
@@ -128,17 +131,6 @@ pub fn run(inventory: &Path, boards: &Path, args: &ReimageArgs) -> Result<ExitCo
     }
     println!("{}: reimaged and Ready", node.name);
     Ok(ExitCode::SUCCESS)
-}
-
-/// The plan for an image that rejoins a running cluster. Rejoining differs from a first join
-/// only in what the node's files say (node password, no cluster-init), which the plan does not
-/// model yet; until it does, this is the node's normal plan.
-fn plan_for_rejoin(
-    cfg: &Config,
-    node: &str,
-    artifacts: &BTreeMap<String, PathBuf>,
-) -> Result<NodePlan> {
-    crate::plan::plan_node(cfg, node, artifacts)
 }
 
 impl Run<'_> {
@@ -180,15 +172,22 @@ impl Run<'_> {
             .ok_or_else(|| anyhow!("Kubernetes client missing"))
     }
 
+    /// Always a rejoin image: the node's cluster exists, so first boot must join a live peer
+    /// and never initialise a second cluster.
     fn build(&self, artifacts: &BTreeMap<String, PathBuf>) -> Result<()> {
-        crate::image::ext4::check_mke2fs()?;
-        let plan = plan_for_rejoin(self.cfg, &self.node.name, artifacts)?;
-        let r = crate::image::build_node(&plan, &self.args.out)?;
-        println!(
-            "      {} ({})",
-            r.path.display(),
-            config::size::human(r.size)
-        );
+        let req = crate::build::Request {
+            cfg: self.cfg,
+            nodes: vec![self.node.name.clone()],
+            out: self.args.out.clone(),
+            supplied: artifacts.clone(),
+            skip_missing: false,
+            join: JoinMode::Rejoin,
+            cache: self.cache.clone(),
+        };
+        let mut o = crate::build::run(&req)?;
+        if let Some((_, e)) = o.failed.pop() {
+            return Err(e);
+        }
         Ok(())
     }
 

@@ -1,8 +1,56 @@
-//! Per-node files: identity, hosts, the static ServerLAN address and root's SSH keys.
+//! Per-node files: identity, hosts, the static ServerLAN address, root's SSH keys, the
+//! cluster secrets (root-only), the clock floor, and first boot with its join inputs.
 
 use super::tree::Tree;
+use crate::config::inventory::Role;
 use crate::plan::{Identity, NodePlan};
+use crate::secrets::Token;
 use anyhow::Result;
+
+const FIRSTBOOT_SH: &str = include_str!("../../firstboot/kiln-firstboot.sh");
+const JOIN_SH: &str = include_str!("../../firstboot/kiln-join.sh");
+const FIRSTBOOT_UNIT: &str = include_str!("../../firstboot/kiln-firstboot.service");
+const SSH_DROPIN: &str = include_str!("../../firstboot/ssh-host-keys.conf");
+
+/// Root-only secret files (mode 0600 in a 0700 or root-owned directory).
+pub const TOKEN_PATH: &str = "etc/kiln/token";
+pub const NODE_PASSWORD_PATH: &str = "etc/rancher/node/password";
+
+/// The join script's inputs, sourced by first boot. No secrets: the token stays in its own
+/// 0600 file.
+pub fn node_env(plan: &NodePlan) -> String {
+    let peers: Vec<String> = plan.peers.iter().map(|p| p.to_string()).collect();
+    format!(
+        "# Written by kiln: inputs of the first-boot join decision.\n\
+         KILN_NODE={}\nKILN_CLUSTER={}\nKILN_IP={}\nKILN_ROLE={}\nKILN_BOOTSTRAP={}\n\
+         KILN_MODE={}\nKILN_PEERS=\"{}\"\n",
+        plan.node.name,
+        plan.node.cluster,
+        plan.node.ip,
+        match plan.node.role {
+            Role::Server => "server",
+            Role::Agent => "agent",
+        },
+        u8::from(plan.node.bootstrap),
+        plan.join.as_str(),
+        peers.join(" ")
+    )
+}
+
+fn timesyncd_conf(plan: &NodePlan) -> String {
+    let mut s = String::from("# Written by kiln: the inventory's NTP servers.\n[Time]\n");
+    if !plan.network.ntp.is_empty() {
+        s.push_str(&format!("NTP={}\n", plan.network.ntp.join(" ")));
+    }
+    s
+}
+
+fn enable(t: &mut Tree, target: &str, unit: &str, unit_dir: &str) {
+    t.symlink(
+        &format!("etc/systemd/system/{target}.wants/{unit}"),
+        &format!("/{unit_dir}/{unit}"),
+    );
+}
 
 /// The systemd-networkd unit for the wired interface.
 ///
@@ -39,7 +87,7 @@ pub fn hosts_file(plan: &NodePlan) -> String {
 }
 
 /// Per-node files as an overlay tree.
-pub fn node_tree(plan: &NodePlan, identity: &Identity) -> Result<Tree> {
+pub fn node_tree(plan: &NodePlan, identity: &Identity, token: &Token) -> Result<Tree> {
     let mut t = Tree::default();
     t.file("etc/hostname", 0o644, format!("{}\n", plan.node.name));
     t.file("etc/hosts", 0o644, hosts_file(plan));
@@ -61,6 +109,63 @@ pub fn node_tree(plan: &NodePlan, identity: &Identity) -> Result<Tree> {
         "etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service",
         "/usr/lib/systemd/system/systemd-networkd-wait-online.service",
     );
+    // Empty: systemd makes this node's own ID on first boot (one image, many machines).
+    t.file("etc/machine-id", 0o444, "");
+    // systemd moves the clock forward to this file's mtime at boot (stamped with the build
+    // epoch), a floor for the RTC-less RK1 before NTP answers.
+    t.file("usr/lib/clock-epoch", 0o644, "");
+    t.file(
+        "etc/systemd/timesyncd.conf.d/50-kiln.conf",
+        0o644,
+        timesyncd_conf(plan),
+    );
+    enable(
+        &mut t,
+        "sysinit.target",
+        "systemd-timesyncd.service",
+        "usr/lib/systemd/system",
+    );
+    // time-sync.target waits for the first NTP answer; k3s is ordered after it.
+    enable(
+        &mut t,
+        "sysinit.target",
+        "systemd-time-wait-sync.service",
+        "usr/lib/systemd/system",
+    );
+
+    // Secrets: root-only, in the root filesystem only.
+    t.dir("etc/kiln", 0o755);
+    let mut tok = token.expose().to_string();
+    tok.push('\n');
+    t.file(TOKEN_PATH, 0o600, tok);
+    t.dir("etc/rancher/node", 0o700);
+    t.file(
+        NODE_PASSWORD_PATH,
+        0o600,
+        token.node_password(&plan.node.name) + "\n",
+    );
+
+    // First boot.
+    t.file("etc/kiln/node.env", 0o644, node_env(plan));
+    t.file("usr/lib/kiln/kiln-firstboot.sh", 0o755, FIRSTBOOT_SH);
+    t.file("usr/lib/kiln/kiln-join.sh", 0o755, JOIN_SH);
+    t.file(
+        "etc/systemd/system/kiln-firstboot.service",
+        0o644,
+        FIRSTBOOT_UNIT,
+    );
+    enable(
+        &mut t,
+        "multi-user.target",
+        "kiln-firstboot.service",
+        "etc/systemd/system",
+    );
+    t.file(
+        "etc/systemd/system/ssh.service.d/50-kiln-host-keys.conf",
+        0o644,
+        SSH_DROPIN,
+    );
+
     let mut json = serde_json::to_string_pretty(identity)?;
     json.push('\n');
     t.file("etc/kiln/node.json", 0o644, json);

@@ -9,6 +9,12 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     File(Vec<u8>),
+    /// A large file streamed from the host when the image is written (k3s, airgap images),
+    /// never held in memory. `len` is checked again when it is streamed.
+    HostFile {
+        path: std::path::PathBuf,
+        len: u64,
+    },
     Dir,
     Symlink(String),
 }
@@ -65,6 +71,22 @@ impl Tree {
 
     pub fn file(&mut self, path: &str, mode: u32, data: impl Into<Vec<u8>>) {
         self.add(path, Kind::File(data.into()), mode);
+    }
+
+    /// Adds a host file by reference; its bytes are read only while the image is written.
+    pub fn host_file(&mut self, path: &str, mode: u32, host: &Path) -> Result<()> {
+        let len = std::fs::metadata(host)
+            .with_context(|| format!("reading {}", host.display()))?
+            .len();
+        self.add(
+            path,
+            Kind::HostFile {
+                path: host.to_path_buf(),
+                len,
+            },
+            mode,
+        );
+        Ok(())
     }
 
     pub fn dir(&mut self, path: &str, mode: u32) {
@@ -136,6 +158,7 @@ impl Tree {
             .values()
             .map(|e| match &e.kind {
                 Kind::File(d) => (d.len() as u64).div_ceil(4096),
+                Kind::HostFile { len, .. } => len.div_ceil(4096),
                 Kind::Dir => 1,
                 Kind::Symlink(t) => u64::from(t.len() >= 60),
             })

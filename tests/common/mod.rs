@@ -7,6 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod k3s;
+
 pub const KVER: &str = "6.12.0-kiln-test";
 
 /// Deterministic pseudo-random bytes (xorshift), so fixtures are reproducible but not zeros.
@@ -106,6 +108,24 @@ pub fn write_base_tar<W: Write>(w: W) {
         0,
         0,
         &f.initrd,
+    );
+    // A base made by a careless bootstrapper: host keys and a machine ID that every node would
+    // share. kiln must not carry them into any image.
+    file(
+        &mut b,
+        "./etc/ssh/ssh_host_ed25519_key",
+        0o600,
+        0,
+        0,
+        b"-----BEGIN OPENSSH PRIVATE KEY----- base-host-key\n",
+    );
+    file(
+        &mut b,
+        "./etc/machine-id",
+        0o444,
+        0,
+        0,
+        b"0123456789abcdef0123456789abcdef\n",
     );
     // An older kernel without an initramfs must not be picked.
     file(
@@ -265,6 +285,7 @@ impl Workspace {
             std::fs::write(&p, format!("{c}-token-0123456789abcdef\n")).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
+        k3s::write_standins(&dir);
         Workspace { dir }
     }
 
@@ -272,14 +293,27 @@ impl Workspace {
         self.dir.join(p)
     }
 
-    /// Runs kiln in the workspace with `args`.
+    /// `--artifact` arguments for the k3s stand-ins (a test double, see common/k3s.rs).
+    pub fn k3s_args(&self) -> Vec<String> {
+        k3s::artifact_args(&self.dir)
+    }
+
+    /// Runs kiln in the workspace with `args`, with a cache of its own (never the user's, never
+    /// the network's).
     pub fn kiln(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .current_dir(&self.dir)
+        self.kiln_env(args, &[])
+    }
+
+    pub fn kiln_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.current_dir(&self.dir)
             .args(args)
             .env_remove("SOURCE_DATE_EPOCH")
-            .output()
-            .unwrap()
+            .env("KILN_CACHE_DIR", self.dir.join("cache"));
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
     }
 }
 

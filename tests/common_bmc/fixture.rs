@@ -104,6 +104,7 @@ impl Workspace {
         }
         std::fs::write(dir.join("kiln.toml"), inv).unwrap();
         write_base(&dir.join("base.tar"));
+        super::k3s::write_standins(&dir);
         Workspace { dir }
     }
 
@@ -111,15 +112,37 @@ impl Workspace {
         self.dir.join(p)
     }
 
+    /// `--artifact` arguments: the base and the k3s stand-ins (test doubles).
+    pub fn artifact_args(&self) -> Vec<String> {
+        let mut a = vec!["--artifact".to_string(), "base=base.tar".to_string()];
+        a.extend(super::k3s::artifact_args(&self.dir));
+        a
+    }
+
     /// Builds `out/<node>.img` with the library's build path.
     pub fn build(&self, node: &str) -> PathBuf {
         let cfg = kiln::config::load(&self.path("kiln.toml"), &self.path("boards"), true).unwrap();
         let mut art = std::collections::BTreeMap::new();
         art.insert("base".to_string(), self.path("base.tar"));
-        let plan = kiln::plan::plan_node(&cfg, node, &art).unwrap();
-        kiln::image::build_node(&plan, &self.path("out"))
-            .unwrap()
-            .path
+        art.insert("k3s".to_string(), self.path("k3s-standin"));
+        art.insert(
+            "k3s-images".to_string(),
+            self.path("k3s-airgap-images-arm64.tar.zst"),
+        );
+        let req = kiln::build::Request {
+            cfg: &cfg,
+            nodes: vec![node.to_string()],
+            out: self.path("out"),
+            supplied: art,
+            skip_missing: false,
+            join: kiln::plan::JoinMode::Init,
+            cache: kiln::fetch::Cache {
+                root: self.path("cache"),
+            },
+        };
+        let mut o = kiln::build::run(&req).unwrap();
+        assert!(o.failed.is_empty(), "{:?}", o.failed);
+        o.built.pop().unwrap().path
     }
 
     /// Runs the kiln binary in the workspace with the fake BMC's password.
@@ -132,7 +155,8 @@ impl Workspace {
         c.current_dir(&self.dir)
             .args(args)
             .env_remove("KILN_BMC_PASSWORD")
-            .env_remove("KUBECONFIG");
+            .env_remove("KUBECONFIG")
+            .env("KILN_CACHE_DIR", self.dir.join("cache"));
         for (k, v) in env {
             c.env(k, v);
         }

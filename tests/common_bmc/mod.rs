@@ -4,4 +4,6 @@
 pub mod bmc;
 pub mod fixture;
 pub mod http;
+#[path = "../common/k3s.rs"]
+pub mod k3s;
 pub mod kube;

@@ -1,0 +1,288 @@
+//! The Debian base root filesystem, built by mmdebstrap from a board's recipe and cached by the
+//! recipe's hash: boards (and nodes) with the same recipe share one base tarball.
+
+use crate::config::board::{Arch, DebianRecipe};
+use crate::fetch::Cache;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// Bumped when the way kiln drives mmdebstrap changes, so old cached bases are not reused.
+const FORMAT: u32 = 1;
+
+/// Removed from the base so every node makes its own on first boot (the image is shared).
+const CUSTOMIZE_HOOK: &str = r#"rm -f "$1"/etc/ssh/ssh_host_*"#;
+
+/// Everything that decides a base's content; its hash is the cache key.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Recipe {
+    pub format: u32,
+    pub arch: &'static str,
+    pub debian: DebianRecipe,
+    /// `[debian] mirror` of the inventory; mmdebstrap's default when `None`.
+    pub mirror: Option<String>,
+    pub customize_hook: &'static str,
+}
+
+impl Recipe {
+    pub fn new(arch: Arch, debian: &DebianRecipe, mirror: Option<&str>) -> Recipe {
+        Recipe {
+            format: FORMAT,
+            arch: arch.debian(),
+            debian: debian.clone(),
+            mirror: mirror.map(str::to_string),
+            customize_hook: CUSTOMIZE_HOOK,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        // Invariant: serialising plain strings and vectors to JSON cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        crate::util::sha256_hex(&json)
+    }
+
+    /// One line for messages: `trixie arm64 (+trixie-backports), 21 packages`.
+    pub fn describe(&self) -> String {
+        let extra = if self.debian.extra_suites.is_empty() {
+            String::new()
+        } else {
+            format!(" (+{})", self.debian.extra_suites.join(", +"))
+        };
+        format!(
+            "Debian {} {}{extra}, {} packages",
+            self.debian.suite,
+            self.arch,
+            self.debian.packages.len()
+        )
+    }
+
+    /// Adds each extra suite as a copy of the first `deb` line mmdebstrap wrote, so the mirror
+    /// (default or the inventory's) is never named twice.
+    fn setup_hook(&self) -> Option<String> {
+        if self.debian.extra_suites.is_empty() {
+            return None;
+        }
+        let mut s = String::from("set -e; l=\"$1/etc/apt/sources.list\"; ");
+        for x in &self.debian.extra_suites {
+            s.push_str(&format!(
+                "awk -v s={} -v x={x} '$1==\"deb\" && !d {{for(i=2;i<=NF;i++) if($i==s){{$i=x; print; d=1; break}}}}' \"$l\" >> \"$1/etc/apt/sources.list.d/kiln-extra.list\"; ",
+                self.debian.suite
+            ));
+        }
+        Some(s)
+    }
+
+    pub fn argv(&self, out: &Path) -> Vec<String> {
+        let d = &self.debian;
+        let mut a = vec![
+            format!("--variant={}", d.variant),
+            format!("--arch={}", self.arch),
+            format!("--components={}", d.components.join(",")),
+        ];
+        if !d.packages.is_empty() {
+            a.push(format!("--include={}", d.packages.join(",")));
+        }
+        if let Some(h) = self.setup_hook() {
+            a.push(format!("--setup-hook={h}"));
+        }
+        a.push(format!("--customize-hook={CUSTOMIZE_HOOK}"));
+        a.push(d.suite.clone());
+        a.push(out.to_string_lossy().into_owned());
+        if let Some(m) = &self.mirror {
+            a.push(m.clone());
+        }
+        a
+    }
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Checks what mmdebstrap needs before a 15-minute run can fail on it.
+pub fn preflight(arch: &str) -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("mmdebstrap").is_file()))
+        .unwrap_or(false);
+    if !found {
+        bail!(
+            "mmdebstrap is not installed; kiln uses it to build the Debian base. Fix: apt-get install mmdebstrap{}",
+            if arch != host_arch() {
+                " qemu-user-static binfmt-support"
+            } else {
+                ""
+            }
+        );
+    }
+    if arch != host_arch() {
+        let qemu = match arch {
+            "arm64" => "qemu-aarch64",
+            "amd64" => "qemu-x86_64",
+            other => other,
+        };
+        let dir = std::env::var_os("KILN_BINFMT_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/proc/sys/fs/binfmt_misc"));
+        let entry = dir.join(qemu);
+        let enabled = std::fs::read_to_string(&entry)
+            .map(|s| s.lines().next() == Some("enabled"))
+            .unwrap_or(false);
+        if !enabled {
+            bail!(
+                "{arch} programs cannot run on this {} host: no qemu-user binfmt handler at {}. \
+                 mmdebstrap runs the {arch} packages' maintainer scripts through it. Fix: \
+                 apt-get install qemu-user-static binfmt-support; if {} is empty, as root: \
+                 mount -t binfmt_misc binfmt_misc {} && update-binfmts --enable {qemu}",
+                host_arch(),
+                entry.display(),
+                dir.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A base in the cache.
+#[derive(Debug, Clone)]
+pub struct CachedBase {
+    pub path: PathBuf,
+    pub key: String,
+    /// False when this call built it.
+    pub reused: bool,
+}
+
+pub fn cached_path(cache: &Cache, recipe: &Recipe) -> Result<PathBuf> {
+    Ok(cache
+        .dir("bases")?
+        .join(format!("{}.tar.zst", recipe.key())))
+}
+
+/// Returns the cached base for `recipe`, running mmdebstrap first if there is none.
+/// `on_line` gets mmdebstrap's progress lines (`I: ...`).
+pub fn ensure(cache: &Cache, recipe: &Recipe, on_line: &dyn Fn(&str)) -> Result<CachedBase> {
+    let key = recipe.key();
+    let dest = cached_path(cache, recipe)?;
+    if dest.is_file() {
+        return Ok(CachedBase {
+            path: dest,
+            key,
+            reused: true,
+        });
+    }
+    preflight(recipe.arch)?;
+    let dir = cache.dir("bases")?;
+    // mmdebstrap picks the compressor from the extension, so the temporary name keeps it.
+    let tmp = dir.join(format!(".{key}.partial-{}.tar.zst", std::process::id()));
+    let log_path = dir.join(format!("{key}.log"));
+    let mut log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    std::fs::write(
+        dir.join(format!("{key}.json")),
+        serde_json::to_string_pretty(recipe)? + "\n",
+    )?;
+    let argv = recipe.argv(&tmp);
+    writeln!(log, "# mmdebstrap {}", argv.join(" "))?;
+    let started = Instant::now();
+    let mut child = Command::new("mmdebstrap")
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting mmdebstrap")?;
+    // mmdebstrap reports on stderr; stdout is drained by a thread so neither pipe fills.
+    let mut stdout = child.stdout.take();
+    let drain = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(o) = stdout.as_mut() {
+            let _ = std::io::Read::read_to_end(o, &mut s);
+        }
+        s
+    });
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines() {
+            let line = line.unwrap_or_default();
+            let _ = writeln!(log, "{line}");
+            if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
+                on_line(&line);
+            }
+            tail.push_back(line);
+            if tail.len() > 25 {
+                tail.pop_front();
+            }
+        }
+    }
+    let status = child.wait().context("waiting for mmdebstrap")?;
+    let out = drain.join().unwrap_or_default();
+    let _ = log.write_all(&out);
+    if !status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow!(
+            "mmdebstrap failed ({status}) building {}; last lines:\n  {}\nfull log: {}",
+            recipe.describe(),
+            Vec::from(tail).join("\n  "),
+            log_path.display()
+        ));
+    }
+    std::fs::rename(&tmp, &dest)
+        .with_context(|| format!("moving the base into {}", dest.display()))?;
+    let _ = writeln!(log, "# done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(CachedBase {
+        path: dest,
+        key,
+        reused: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe(pkgs: &[&str]) -> DebianRecipe {
+        DebianRecipe {
+            suite: "trixie".into(),
+            components: vec!["main".into()],
+            variant: "apt".into(),
+            extra_suites: vec!["trixie-backports".into()],
+            packages: pkgs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn key_follows_the_recipe() {
+        let a = Recipe::new(Arch::Arm64, &recipe(&["systemd"]), None);
+        let b = Recipe::new(Arch::Arm64, &recipe(&["systemd"]), None);
+        let c = Recipe::new(Arch::Arm64, &recipe(&["systemd", "curl"]), None);
+        let d = Recipe::new(
+            Arch::Arm64,
+            &recipe(&["systemd"]),
+            Some("http://m.invalid/debian"),
+        );
+        assert_eq!(a.key(), b.key());
+        assert_ne!(a.key(), c.key());
+        assert_ne!(a.key(), d.key());
+    }
+
+    #[test]
+    fn argv_has_suite_output_and_hooks() {
+        let r = Recipe::new(Arch::Arm64, &recipe(&["a", "b/trixie-backports"]), None);
+        let argv = r.argv(Path::new("/tmp/x.tar.zst"));
+        assert!(argv.contains(&"--include=a,b/trixie-backports".to_string()));
+        assert!(
+            argv.iter()
+                .any(|a| a.starts_with("--setup-hook=") && a.contains("trixie-backports"))
+        );
+        let n = argv.len();
+        assert_eq!(argv[n - 2], "trixie");
+        assert_eq!(argv[n - 1], "/tmp/x.tar.zst");
+    }
+}
