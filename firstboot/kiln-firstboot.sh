@@ -10,6 +10,7 @@ set -eu
 KILN_ROOT=${KILN_ROOT:-}
 STATE=$KILN_ROOT/var/lib/kiln/firstboot
 LIB=${KILN_LIB:-/usr/lib/kiln}
+SYS=${KILN_SYS:-/sys}
 
 log() { echo "kiln-firstboot: $*" >&2; }
 
@@ -36,7 +37,7 @@ step() {
 grow_root() {
     # major:minor of the root filesystem's block device, then its partition number and disk.
     mm=$(stat -c '%Hd:%Ld' /)
-    sys=$(readlink -f "/sys/dev/block/$mm")
+    sys=$(readlink -f "$SYS/dev/block/$mm")
     part=${sys##*/}
     disk=$(basename "$(dirname "$sys")")
     num=$(cat "$sys/partition")
@@ -55,13 +56,13 @@ grow_root() {
 # 2. The image has no host keys (one image, many nodes); this node makes its own.
 ssh_host_keys() {
     # A power cut can leave an empty key file, which ssh-keygen -A would keep.
-    for k in /etc/ssh/ssh_host_*_key; do
+    for k in "$KILN_ROOT"/etc/ssh/ssh_host_*_key; do
         [ -e "$k" ] || continue
         if [ ! -s "$k" ] || [ ! -s "$k.pub" ]; then
             rm -f "$k" "$k.pub"
         fi
     done
-    ssh-keygen -A >&2
+    if [ -n "$KILN_ROOT" ]; then ssh-keygen -A -f "$KILN_ROOT" >&2; else ssh-keygen -A >&2; fi
 }
 
 # 3. Join decision -> /etc/rancher/k3s/config.yaml (0600, holds the token).

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -79,8 +79,9 @@ pub struct Release {
     pub url: String,
     pub hits: Arc<Mutex<Vec<Hit>>>,
     pub files: Files,
-    /// Close the connection after this many body bytes of the next response (a cut download).
-    pub cut_after: Arc<Mutex<Option<usize>>>,
+    /// Close the connection after this many body bytes of the next response whose path ends
+    /// with the given suffix (a cut download).
+    pub cut_after: Arc<Mutex<Option<(String, usize)>>>,
 }
 
 impl Release {
@@ -113,7 +114,7 @@ impl Release {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let hits = Arc::new(Mutex::new(Vec::new()));
         let files = Arc::new(Mutex::new(files));
-        let cut_after = Arc::new(Mutex::new(None));
+        let cut_after: Arc<Mutex<Option<(String, usize)>>> = Arc::new(Mutex::new(None));
         let (h, f, c) = (hits.clone(), files.clone(), cut_after.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -173,7 +174,17 @@ impl Release {
                     range: range.clone(),
                     status,
                 });
-                let cut = c.lock().unwrap().take();
+                let cut = {
+                    let mut g = c.lock().unwrap();
+                    match g.as_ref() {
+                        Some((suffix, n)) if path.ends_with(suffix.as_str()) => {
+                            let n = *n;
+                            *g = None;
+                            Some(n)
+                        }
+                        _ => None,
+                    }
+                };
                 let _ = write!(
                     s,
                     "{head}Content-Length: {}\r\nConnection: close\r\n\r\n",
@@ -182,8 +193,7 @@ impl Release {
                 let n = cut.unwrap_or(payload.len()).min(payload.len());
                 let _ = s.write_all(&payload[..n]);
                 let _ = s.flush();
-                // Drain nothing more; dropping the socket ends the response.
-                let _ = r.read(&mut [0u8; 0]);
+                // Dropping both handles closes the connection: that ends the (cut) response.
             }
         });
         Release {

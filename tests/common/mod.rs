@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod disk;
 pub mod k3s;
 
 pub const KVER: &str = "6.12.0-kiln-test";
@@ -349,4 +350,32 @@ pub fn assert_ok(o: &Output, what: &str) {
         stdout(o),
         stderr(o)
     );
+}
+
+/// `kiln build NODES --artifact base=... [uboot=...]` with the k3s stand-ins.
+pub fn build(
+    ws: &Workspace,
+    nodes: &[&str],
+    base: &Path,
+    uboot: Option<&Path>,
+) -> std::process::Output {
+    let mut args = vec!["build".to_string()];
+    args.extend(nodes.iter().map(|s| s.to_string()));
+    args.push("--artifact".into());
+    args.push(format!("base={}", base.display()));
+    if let Some(u) = uboot {
+        args.push("--artifact".into());
+        args.push(format!("uboot={}", u.display()));
+    }
+    args.extend(ws.k3s_args());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ws.kiln(&refs)
+}
+
+/// A stand-in loader file of `len` bytes (test data, not U-Boot).
+pub fn uboot(ws: &Workspace, len: usize) -> (std::path::PathBuf, Vec<u8>) {
+    let data = bytes(42, len);
+    let p = ws.path("u-boot-rockchip.bin");
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
 }
