@@ -91,6 +91,11 @@ fn a_server_is_removed_from_etcd_flashed_and_waited_for() {
     assert_eq!(bmc.uploads().len(), 1);
     let k = kube.state.lock().unwrap();
     assert!(k.nodes["n2"]["status"]["nodeInfo"]["bootID"] == "new-boot");
+    // The image flashed was built to rejoin: its first boot never initialises a cluster.
+    let insp = ws.kiln(&["inspect", "--json", "out/n2.img"]);
+    assert!(insp.status.success(), "{}", stderr(&insp));
+    let v: serde_json::Value = serde_json::from_slice(&insp.stdout).unwrap();
+    assert_eq!(v["identity"]["join"], "rejoin", "{v}");
 }
 
 #[test]
@@ -134,5 +139,25 @@ fn a_node_with_another_address_is_not_deleted() {
     assert!(
         bmc.requests().is_empty(),
         "nothing may be powered off or flashed"
+    );
+}
+
+#[test]
+fn an_image_built_to_create_the_cluster_is_never_flashed_by_a_reimage() {
+    let b = 33;
+    let nodes = vec![
+        node("n1", &shift("127.0.0.11", b), true, true, "n1-boot"),
+        node("n2", &shift("127.0.0.12", b), true, true, "old-boot"),
+    ];
+    let (bmc, _kube, ws) = setup("reimage-initimage", b, nodes, None);
+    // `kiln build` without --rejoin: n1 is the bootstrap server, its image may initialise.
+    ws.build("n1");
+    let out = reimage(&ws, "n1", &["--from-step", "flash"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let e = stderr(&out);
+    assert!(e.contains("must rejoin") && e.contains("--rejoin"), "{e}");
+    assert!(
+        bmc.uploads().is_empty(),
+        "an init image was uploaded to the BMC"
     );
 }

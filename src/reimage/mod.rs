@@ -44,7 +44,7 @@ impl Step {
 #[command(
     long_about = "Replace a failed node: rebuild, flash and rejoin it.\n\n\
 Steps (resume any of them with --from-step):\n  \
-build       build OUT/<node>.img for rejoining (needs --artifact like `kiln build`)\n  \
+build       build OUT/<node>.img to rejoin (first boot joins a live peer, never initialises)\n  \
 delete-node servers only: delete the Node through the Kubernetes API so k3s removes its etcd \
 member, and wait until it is gone (agents skip this)\n  \
 power-off   power the slot off through the BMC\n  \
@@ -56,7 +56,8 @@ The kubeconfig is the cluster's `kubeconfig` in the inventory, else $KUBECONFIG.
 pub struct ReimageArgs {
     /// Node to reimage; it needs a `slot`.
     pub node: String,
-    /// Input files for the build step: `base=ROOTFS.tar[.gz|.zst]`, `uboot=u-boot-rockchip.bin`.
+    /// Input files for the build step, as for `kiln build`: `uboot=u-boot-rockchip.bin`;
+    /// overrides `base=`, `k3s=`, `k3s-images=`.
     #[arg(long = "artifact", value_name = "NAME=PATH")]
     pub artifacts: Vec<String>,
     #[arg(long, default_value = "out")]
@@ -272,7 +273,19 @@ impl Run<'_> {
     fn flash(&mut self) -> Result<()> {
         let image = self.image();
         flash::check_image(self.cfg, self.node, &image, self.args.force)
-            .context("run the build step first (--from-step build with --artifact)")?;
+            .context("run the build step first (--from-step build)")?;
+        // An init image of a bootstrap server would start a second cluster if its peers are
+        // slow to answer: a reimage flashes only rejoin images.
+        let id = crate::image::inspect::identity(&image)?;
+        if id.join != JoinMode::Rejoin {
+            bail!(
+                "{} was built to create its cluster (join = {}); a reimaged node must rejoin: run `kiln reimage {} --from-step build` or `kiln build {} --rejoin`",
+                image.display(),
+                id.join.as_str(),
+                self.node.name,
+                self.node.name
+            );
+        }
         let xz = flash::xz::ensure(&image)?;
         let (node, slot, bmc_args) = (self.node, self.slot, self.args.bmc.clone());
         let b = self.bmc()?;
