@@ -17,12 +17,10 @@ fn real_base(ws: &Workspace, board: &str) -> String {
         .unwrap();
     assert_ok(&o, &format!("kiln base {board}"));
     let out = stdout(&o);
-    let path = out
-        .split_whitespace()
+    out.split_whitespace()
         .find(|w| w.ends_with(".tar.zst"))
         .unwrap_or_else(|| panic!("no base path in: {out}"))
-        .to_string();
-    path
+        .to_string()
 }
 
 fn build_real(ws: &Workspace, node: &str, base: &str, uboot: &Path) {
