@@ -4,12 +4,15 @@
 CARGO ?= cargo
 KILN := target/release/kiln
 OUT ?= out
-# The base root filesystem (a Debian tarball with a kernel and initramfs), until kiln builds it.
-BASE ?=
 # The RK1's U-Boot (u-boot-rockchip.bin); RK1 nodes are skipped without it.
 UBOOT ?=
+# Optional overrides (offline builds): a base tarball instead of the mmdebstrap-built one, and
+# k3s files instead of the [k3s] release download.
+BASE ?=
+K3S ?=
+K3S_IMAGES ?=
 
-.PHONY: image test setup build check lint tpi clean
+.PHONY: image test test-fast test-slow setup build check lint tpi clean
 
 setup:
 	@bash tools/setup-host.sh
@@ -17,14 +20,15 @@ setup:
 build: setup
 	$(CARGO) build --release --locked
 
+# Bases are built with mmdebstrap on first use (about 12 minutes per board under emulation)
+# and cached in ~/.cache/kiln; k3s is downloaded once per version.
 image: build
-	@if [ -z "$(BASE)" ]; then \
-	  echo "make image needs BASE=<rootfs.tar[.gz|.zst]>: a Debian root filesystem with a kernel and initramfs" >&2; \
-	  echo "  e.g. mmdebstrap --arch=arm64 --include=linux-image-arm64,initramfs-tools,systemd-sysv trixie base.tar.zst" >&2; \
-	  exit 2; fi
 	$(KILN) secrets init
 	$(KILN) check
-	$(KILN) build --all --skip-missing --out $(OUT) --artifact base=$(BASE) \
+	$(KILN) build --all --skip-missing --out $(OUT) \
+	  $(if $(BASE),--artifact base=$(BASE)) \
+	  $(if $(K3S),--artifact k3s=$(K3S)) \
+	  $(if $(K3S_IMAGES),--artifact k3s-images=$(K3S_IMAGES)) \
 	  $(if $(UBOOT),--artifact uboot=$(UBOOT))
 
 # The official Turing Pi client, which the flash tests run against kiln's fake BMC.
@@ -37,8 +41,16 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
-test: setup lint tpi
+# Fast tier: everything but the real Debian bases and the QEMU boots.
+test-fast: setup lint tpi
 	$(CARGO) test --locked
+
+# Slow tier: real bases (mmdebstrap, cached) and images booted under QEMU.
+SLOW_TESTS := --test slow_base
+test-slow: setup
+	$(CARGO) test --locked $(SLOW_TESTS) -- --ignored --test-threads=1
+
+test: test-fast test-slow
 
 clean:
 	rm -rf $(OUT)

@@ -1,53 +1,83 @@
 #!/usr/bin/env bash
-# Installs the system packages kiln and its tests need (Debian 12 or 13).
-# As root it installs them; otherwise it prints the exact commands and exits non-zero.
+# Installs the system packages kiln and its tests need (Debian 12 or 13), and registers the
+# qemu-user binfmt handler that mmdebstrap needs to build arm64 bases on another architecture.
+# As root it does it; otherwise it prints the exact commands and exits non-zero.
 set -euo pipefail
 
-# mke2fs must read a tarball (-d with tar input: e2fsprogs >= 1.47.1). Debian 12 has 1.47.0,
-# bookworm-backports has 1.47.2.
-PACKAGES=(e2fsprogs libarchive13 gdisk fdisk dosfstools mtools zstd xz-utils)
+# Image writing and the independent checkers.
+PACKAGES=(e2fsprogs libarchive13 gdisk fdisk dosfstools mtools zstd xz-utils openssh-client dash)
+# Building bases (mmdebstrap + qemu-user) and booting images (qemu-system, U-Boot for QEMU,
+# a VDE switch for the multi-node boot tests).
+EMU_PACKAGES=(mmdebstrap arch-test qemu-user-static binfmt-support qemu-system-arm u-boot-qemu vde2)
 
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 mke2fs_ok() {
+    # mke2fs must read a tarball (-d with tar input: e2fsprogs >= 1.47.1).
     command -v mke2fs >/dev/null || return 1
     v=$(mke2fs -V 2>&1 | awk 'NR==1{print $2}')
     [ "$(printf '%s\n' 1.47.1 "$v" | sort -V | head -n1)" = 1.47.1 ]
 }
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+}
+binfmt_ok() {
+    [ "$(uname -m)" = aarch64 ] && return 0
+    [ -r /proc/sys/fs/binfmt_misc/qemu-aarch64 ] &&
+        head -n1 /proc/sys/fs/binfmt_misc/qemu-aarch64 | grep -qx enabled
+}
+
 missing=()
-for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+for p in "${PACKAGES[@]}" "${EMU_PACKAGES[@]}"; do
+    installed "$p" || missing+=("$p")
 done
-need_backports=0
-if [ "$codename" = bookworm ] && ! mke2fs_ok; then
-    need_backports=1
+# On Debian 12, e2fsprogs, mmdebstrap and QEMU come from bookworm-backports: 1.47.0's mke2fs
+# cannot read a tarball, and bookworm's QEMU conflicts with the backported qemu-utils that
+# these machines carry.
+use_backports=0
+if [ "$codename" = bookworm ]; then
+    use_backports=1
 fi
-if [ ${#missing[@]} -eq 0 ] && [ $need_backports -eq 0 ]; then
+if [ ${#missing[@]} -eq 0 ] && mke2fs_ok && binfmt_ok; then
     exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-    echo "kiln needs system packages. Run as root:" >&2
-    if [ $need_backports -eq 1 ]; then
+    echo "kiln needs system packages and the qemu-aarch64 binfmt handler. Run as root:" >&2
+    if [ $use_backports -eq 1 ]; then
         echo "  add the bookworm-backports suite to your apt sources (same mirror as bookworm), then" >&2
-        echo "  apt-get update && apt-get install -y -t bookworm-backports e2fsprogs" >&2
+        echo "  apt-get update && apt-get install -y -t bookworm-backports e2fsprogs ${EMU_PACKAGES[*]}" >&2
     fi
-    echo "  apt-get update && apt-get install -y ${PACKAGES[*]}" >&2
+    echo "  apt-get install -y ${PACKAGES[*]} ${EMU_PACKAGES[*]}" >&2
+    echo "  mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; update-binfmts --enable qemu-aarch64" >&2
     exit 1
 fi
 
-if [ $need_backports -eq 1 ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    # Same mirror as the system's own bookworm sources.
-    uri=$(grep -rhoE '^(URIs:|deb) +[^ ]+' /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null \
-        | awk '{print $2}' | grep -v -e security -e '^\[' | head -n1 || true)
-    if [ -z "$uri" ]; then
-        echo "cannot find the Debian mirror in /etc/apt; add bookworm-backports by hand" >&2
-        exit 1
+if [ ${#missing[@]} -gt 0 ] || ! mke2fs_ok; then
+    if [ $use_backports -eq 1 ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        # Same mirror as the system's own bookworm sources.
+        uri=$(grep -rhoE '^(URIs:|deb) +[^ ]+' /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null \
+            | awk '{print $2}' | grep -v -e security -e '^\[' | head -n1 || true)
+        if [ -z "$uri" ]; then
+            echo "cannot find the Debian mirror in /etc/apt; add bookworm-backports by hand" >&2
+            exit 1
+        fi
+        echo "deb $uri bookworm-backports main" > /etc/apt/sources.list.d/kiln-backports.list
     fi
-    echo "deb $uri bookworm-backports main" > /etc/apt/sources.list.d/kiln-backports.list
+    apt-get update
+    if [ $use_backports -eq 1 ]; then
+        apt-get install -y -t bookworm-backports e2fsprogs "${EMU_PACKAGES[@]}"
+    else
+        apt-get install -y "${EMU_PACKAGES[@]}"
+    fi
+    apt-get install -y "${PACKAGES[@]}"
 fi
-apt-get update
-if [ $need_backports -eq 1 ]; then
-    apt-get install -y -t bookworm-backports e2fsprogs
-fi
-apt-get install -y "${PACKAGES[@]}"
 mke2fs_ok || { echo "mke2fs is still older than 1.47.1" >&2; exit 1; }
+
+# binfmt_misc may be unmounted in a container; the handler may be unregistered.
+if ! binfmt_ok; then
+    [ -e /proc/sys/fs/binfmt_misc/register ] ||
+        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    update-binfmts --enable qemu-aarch64 2>/dev/null ||
+        cat /usr/lib/binfmt.d/qemu-aarch64.conf > /proc/sys/fs/binfmt_misc/register
+fi
+binfmt_ok || { echo "the qemu-aarch64 binfmt handler is not enabled" >&2; exit 1; }
