@@ -45,9 +45,12 @@ lint:
 test-fast: setup lint tpi
 	$(CARGO) test --locked
 
-# Slow tier: real bases (mmdebstrap, cached) and images booted under QEMU.
-SLOW_TESTS := --test slow_base
+# Slow tier: real bases (mmdebstrap, cached; every board's in parallel first) and images booted
+# under QEMU, one test at a time (each already runs several VMs on the two cores).
+SLOW_TESTS := --test slow_base --test boot
 test-slow: setup
+	$(CARGO) build --locked
+	target/debug/kiln base
 	$(CARGO) test --locked $(SLOW_TESTS) -- --ignored --test-threads=1
 
 test: test-fast test-slow

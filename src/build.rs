@@ -56,40 +56,49 @@ fn plans(req: &Request, outcome: &mut Outcome) -> Result<Vec<NodePlan>> {
     Ok(plans)
 }
 
-/// The base tarball for a plan, building it with mmdebstrap when it is not cached.
-fn base_for(cache: &Cache, plan: &NodePlan) -> Result<PathBuf> {
-    match &plan.base {
-        BaseInput::File(p) => Ok(p.clone()),
-        BaseInput::Debian(recipe) => {
-            let cached = bootstrap::cached_path(cache, recipe)?;
-            if cached.is_file() {
-                eprintln!(
-                    "base for {}: {} (cached {})",
-                    plan.board.name(),
-                    recipe.describe(),
-                    cached.display()
-                );
-                return Ok(cached);
-            }
+/// Every Debian base the plans need, each built once (in parallel) or taken from the cache.
+fn debian_bases(cache: &Cache, plans: &[NodePlan]) -> BTreeMap<String, Result<PathBuf, String>> {
+    let mut wanted = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for p in plans {
+        if let BaseInput::Debian(r) = &p.base
+            && seen.insert(r.key())
+        {
+            let cached = bootstrap::cached_path(cache, r)
+                .map(|c| c.is_file())
+                .unwrap_or(false);
             eprintln!(
-                "base for {}: building {} with mmdebstrap; under emulation this takes 15-20 minutes, once per recipe",
-                plan.board.name(),
-                recipe.describe()
+                "base for {}: {}{}",
+                p.board.name(),
+                r.describe(),
+                if cached {
+                    " (cached)"
+                } else {
+                    ": building with mmdebstrap; about 12 minutes under emulation, once per recipe"
+                }
             );
-            let pb = crate::progress::spinner(format!("{}: mmdebstrap", plan.board.name()));
-            let r = bootstrap::ensure(cache, recipe, &|l| pb.set_message(l.to_string()));
-            pb.finish_and_clear();
-            let b = r?;
-            let size = std::fs::metadata(&b.path).map(|m| m.len()).unwrap_or(0);
-            eprintln!(
-                "base for {}: built {} ({})",
-                plan.board.name(),
-                b.path.display(),
-                human(size)
-            );
-            Ok(b.path)
+            wanted.push((p.board.name().to_string(), r.clone()));
         }
     }
+    bootstrap::ensure_all(cache, wanted)
+        .into_iter()
+        .map(|(board, recipe, r)| {
+            if let Ok(b) = &r
+                && !b.reused
+            {
+                let size = std::fs::metadata(&b.path).map(|m| m.len()).unwrap_or(0);
+                eprintln!(
+                    "base for {board}: built {} ({})",
+                    b.path.display(),
+                    human(size)
+                );
+            }
+            (
+                recipe.key(),
+                r.map(|b| b.path).map_err(|e| format!("{e:#}")),
+            )
+        })
+        .collect()
 }
 
 fn k3s_for(cache: &Cache, plan: &NodePlan) -> Result<k3s::K3sFiles> {
@@ -126,18 +135,17 @@ pub fn run(req: &Request) -> Result<Outcome> {
 
     // Shared inputs, each resolved once; an error is kept per key so it fails only the nodes
     // that need it.
-    let mut bases: BTreeMap<String, Result<PathBuf, String>> = BTreeMap::new();
+    let bases = debian_bases(&req.cache, &plans);
     let mut k3s_files: BTreeMap<String, Result<k3s::K3sFiles, String>> = BTreeMap::new();
     let mut jobs: Vec<(NodePlan, Result<Inputs>)> = Vec::new();
     for p in plans {
-        let base_key = match &p.base {
-            BaseInput::File(f) => f.display().to_string(),
-            BaseInput::Debian(r) => r.key(),
+        let base = match &p.base {
+            BaseInput::File(f) => Ok(f.clone()),
+            BaseInput::Debian(r) => bases
+                .get(&r.key())
+                .cloned()
+                .unwrap_or_else(|| Err("base was not prepared".into())),
         };
-        let base = bases
-            .entry(base_key)
-            .or_insert_with(|| base_for(&req.cache, &p).map_err(|e| format!("{e:#}")))
-            .clone();
         let k3s_key = p.board.spec.arch.debian().to_string();
         let k = k3s_files
             .entry(k3s_key)

@@ -198,6 +198,7 @@ pub fn run() -> Result<ExitCode> {
             } else {
                 board_names
             };
+            let mut wanted = Vec::new();
             for n in names {
                 let Some(b) = all.get(&n) else {
                     bail!(
@@ -209,20 +210,28 @@ pub fn run() -> Result<ExitCode> {
                 let Some(d) = &b.spec.debian else {
                     bail!("board `{n}` ({}) has no [debian] recipe", b.path.display());
                 };
-                let recipe =
-                    crate::rootfs::bootstrap::Recipe::new(b.spec.arch, d, mirror.as_deref());
-                let pb = crate::progress::spinner(format!("{n}: mmdebstrap"));
-                let r = crate::rootfs::bootstrap::ensure(&cache, &recipe, &|l| {
-                    pb.set_message(format!("{n}: {l}"))
-                });
-                pb.finish_and_clear();
-                let r = r?;
-                println!(
-                    "{n}: {} {} ({})",
-                    if r.reused { "cached" } else { "built" },
-                    r.path.display(),
-                    recipe.describe()
-                );
+                wanted.push((
+                    n.clone(),
+                    crate::rootfs::bootstrap::Recipe::new(b.spec.arch, d, mirror.as_deref()),
+                ));
+            }
+            let mut failed = 0;
+            for (n, recipe, r) in crate::rootfs::bootstrap::ensure_all(&cache, wanted) {
+                match r {
+                    Ok(r) => println!(
+                        "{n}: {} {} ({})",
+                        if r.reused { "cached" } else { "built" },
+                        r.path.display(),
+                        recipe.describe()
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("error: base for {n}: {e:#}");
+                    }
+                }
+            }
+            if failed > 0 {
+                return Ok(ExitCode::from(1));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -8,21 +8,6 @@ use common::disk::*;
 use common::*;
 use std::path::Path;
 
-/// `kiln base BOARD` with the user's cache, so CI and later runs reuse the base.
-fn real_base(ws: &Workspace, board: &str) -> String {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .current_dir(&ws.dir)
-        .args(["base", board])
-        .output()
-        .unwrap();
-    assert_ok(&o, &format!("kiln base {board}"));
-    let out = stdout(&o);
-    out.split_whitespace()
-        .find(|w| w.ends_with(".tar.zst"))
-        .unwrap_or_else(|| panic!("no base path in: {out}"))
-        .to_string()
-}
-
 fn build_real(ws: &Workspace, node: &str, base: &str, uboot: &Path) {
     let mut args = vec![
         "build".to_string(),

@@ -243,6 +243,62 @@ pub fn ensure(cache: &Cache, recipe: &Recipe, on_line: &dyn Fn(&str)) -> Result<
     })
 }
 
+/// Ensures the bases of several boards at once: one mmdebstrap run per distinct recipe, all
+/// in parallel (each is mostly one emulated process, so two recipes on two cores take about
+/// the time of one). Results come back in the order asked, per board.
+pub fn ensure_all(
+    cache: &Cache,
+    wanted: Vec<(String, Recipe)>,
+) -> Vec<(String, Recipe, Result<CachedBase>)> {
+    let mp = indicatif::MultiProgress::new();
+    let unique: Vec<(String, Recipe)> = {
+        let mut seen = std::collections::HashSet::new();
+        wanted
+            .iter()
+            .filter(|(_, r)| seen.insert(r.key()))
+            .cloned()
+            .collect()
+    };
+    let results: Vec<(String, Result<CachedBase, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = unique
+            .iter()
+            .map(|(board, recipe)| {
+                let pb = mp.add(crate::progress::spinner(format!("{board}: mmdebstrap")));
+                s.spawn(move || {
+                    let r = ensure(cache, recipe, &|l| pb.set_message(format!("{board}: {l}")));
+                    pb.finish_and_clear();
+                    (recipe.key(), r.map_err(|e| format!("{e:#}")))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| (String::new(), Err("mmdebstrap thread panicked".into())))
+            })
+            .collect()
+    });
+    wanted
+        .into_iter()
+        .map(|(board, recipe)| {
+            let key = recipe.key();
+            let r = results
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, r)| r.clone())
+                .unwrap_or_else(|| Err("not built".into()))
+                .map(|mut b| {
+                    // Only the first board of a shared recipe built it.
+                    b.reused = b.reused || unique.iter().all(|(n, _)| *n != board);
+                    b
+                })
+                .map_err(|e| anyhow!(e));
+            (board, recipe, r)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

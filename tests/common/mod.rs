@@ -379,3 +379,18 @@ pub fn uboot(ws: &Workspace, len: usize) -> (std::path::PathBuf, Vec<u8>) {
     std::fs::write(&p, &data).unwrap();
     (p, data)
 }
+
+/// `kiln base BOARD` with the user's cache, so CI and later runs reuse the base.
+pub fn real_base(ws: &Workspace, board: &str) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(&ws.dir)
+        .args(["base", board])
+        .output()
+        .unwrap();
+    assert_ok(&o, &format!("kiln base {board}"));
+    let out = stdout(&o);
+    out.split_whitespace()
+        .find(|w| w.ends_with(".tar.zst"))
+        .unwrap_or_else(|| panic!("no base path in: {out}"))
+        .to_string()
+}

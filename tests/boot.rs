@@ -1,0 +1,760 @@
+//! Slow tier: proof of boot. Images kiln writes from the real Debian bases boot under QEMU
+//! (software emulation, no KVM), configure themselves on first boot and start k3s with the
+//! configuration the join decision chose.
+//!
+//! k3s itself is replaced by a stand-in (tests/standin/k3s, a TEST DOUBLE that answers /ping on
+//! 6443 and reports its configuration) and NTP by another (tests/standin/sntp.py). Guests are
+//! reached only through the serial console, ports forwarded on 127.0.0.1, or a network
+//! namespace the test creates; no guest traffic leaves the machine.
+
+mod common;
+
+use common::disk::*;
+use common::*;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const UBOOT_QEMU: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
+/// Disk size the tests give each VM: the image is smaller, so first boot must grow the root.
+const DISK: u64 = 3 << 30;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A QEMU guest whose serial console goes to a file; killed when dropped.
+struct Vm {
+    name: String,
+    child: std::cell::RefCell<Child>,
+    serial: PathBuf,
+    /// Byte offset in the serial log where this boot's output starts.
+    from: usize,
+    started: Instant,
+}
+
+impl Vm {
+    fn start(name: &str, serial: &Path, args: &[String]) -> Vm {
+        let mut argv = vec!["qemu-system-aarch64".to_string()];
+        argv.extend_from_slice(args);
+        Vm::start_with(name, serial, &argv)
+    }
+
+    /// `argv`: the QEMU command, possibly behind a prefix such as `ip netns exec NS`.
+    fn start_with(name: &str, serial: &Path, argv: &[String]) -> Vm {
+        let from = std::fs::metadata(serial)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
+        let q = argv
+            .iter()
+            .position(|a| a == "qemu-system-aarch64")
+            .expect("a qemu-system-aarch64 command");
+        let mut all: Vec<String> = argv[..=q].to_vec();
+        all.extend([
+            "-M".into(),
+            "virt".into(),
+            "-cpu".into(),
+            "max".into(),
+            "-m".into(),
+            "1024".into(),
+            "-display".into(),
+            "none".into(),
+            "-monitor".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-chardev".into(),
+            format!("file,id=s0,path={},append=on", serial.display()),
+            "-serial".into(),
+            "chardev:s0".into(),
+        ]);
+        all.extend_from_slice(&argv[q + 1..]);
+        let child = Command::new(&all[0])
+            .args(&all[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-aarch64 (install qemu-system-arm; .ci/run does)");
+        Vm {
+            name: name.to_string(),
+            child: std::cell::RefCell::new(child),
+            serial: serial.to_path_buf(),
+            from,
+            started: Instant::now(),
+        }
+    }
+
+    /// This boot's console output so far.
+    fn log(&self) -> String {
+        let b = std::fs::read(&self.serial).unwrap_or_default();
+        String::from_utf8_lossy(&b[self.from.min(b.len())..]).into_owned()
+    }
+
+    fn tail(&self, n: usize) -> String {
+        let l = self.log();
+        let lines: Vec<&str> = l.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Waits until the console shows `pat`. Fails early, with the reason, on a console line
+    /// that means the boot cannot succeed, or if QEMU exits.
+    fn wait_for(&self, pat: &str, timeout: Duration) -> Result<Duration, String> {
+        const FATAL: &[&str] = &[
+            "Dropping to a shell",
+            "Kernel panic",
+            "ALERT!",
+            "Gave up waiting for root",
+            "Failed to start kiln-firstboot.service",
+            "No bootable device",
+            "Unable to mount root",
+        ];
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(pat) {
+                return Ok(self.started.elapsed());
+            }
+            if let Some(f) = FATAL.iter().find(|f| log.contains(*f)) {
+                let line = log.lines().find(|l| l.contains(f)).unwrap_or(f).trim();
+                return Err(format!(
+                    "{}: boot failed before `{pat}`: console says `{line}`",
+                    self.name
+                ));
+            }
+            let mut child = self.child.borrow_mut();
+            if let Ok(Some(st)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(e) = child.stderr.as_mut() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(format!(
+                    "{}: QEMU exited ({st}) before `{pat}`: {}",
+                    self.name,
+                    err.trim()
+                ));
+            }
+            drop(child);
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: no `{pat}` on the console within {} s",
+                    self.name,
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits for QEMU to exit (after a poweroff inside the guest).
+    fn wait_exit(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.borrow_mut().try_wait() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Err(format!(
+            "{}: did not power off within {} s",
+            self.name,
+            timeout.as_secs()
+        ))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let c = self.child.get_mut();
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Panics with `msg` and the last console lines of every VM.
+fn fail(vms: &[&Vm], msg: &str) -> ! {
+    let mut s = format!("{msg}\n");
+    for v in vms {
+        s.push_str(&format!(
+            "\n----- last console lines of {} -----\n{}\n",
+            v.name,
+            v.tail(40)
+        ));
+    }
+    panic!("{s}");
+}
+
+fn must<T>(vms: &[&Vm], r: Result<T, String>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => fail(vms, &e),
+    }
+}
+
+/// A background helper process (the SNTP stand-in); killed when dropped.
+struct Helper(Child);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sntp(prefix: &[&str], addr: &str) -> Helper {
+    let script = repo().join("tests/standin/sntp.py");
+    let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+    argv.extend(["python3".into(), script.display().to_string(), addr.into()]);
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 for the SNTP stand-in");
+    std::thread::sleep(Duration::from_millis(300));
+    Helper(child)
+}
+
+/// Workspace for booting: root's SSH key for the tests, the stand-in k3s, and an overlay that
+/// lets the stand-in signal readiness from a child process (k3s.service is Type=notify).
+struct BootWs {
+    ws: Workspace,
+    key: PathBuf,
+    rk1_base: String,
+    rpi5_base: String,
+    uboot: PathBuf,
+    images: PathBuf,
+}
+
+fn boot_workspace(name: &str) -> BootWs {
+    let ws = Workspace::new(name);
+    let key = ws.path("id_test");
+    assert_ok(
+        &run(
+            "ssh-keygen",
+            &["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().unwrap()],
+        ),
+        "ssh-keygen",
+    );
+    let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    for unit in ["k3s.service", "k3s-agent.service"] {
+        let d = ws.path(&format!("overlays/k3s-standin/etc/systemd/system/{unit}.d"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("50-standin.conf"),
+            "# TEST DOUBLE support: the k3s stand-in notifies from a child process.\n[Service]\nNotifyAccess=all\n",
+        )
+        .unwrap();
+    }
+    let inv = std::fs::read_to_string(ws.path("kiln.toml")).unwrap();
+    let inv = inv
+        .replace(
+            "overlays = [\"hardening\"]",
+            "overlays = [\"hardening\", \"k3s-standin\"]",
+        )
+        .replace(
+            "ssh_authorized_keys = []",
+            &format!("ssh_authorized_keys = [\"{}\"]", pubkey.trim()),
+        );
+    std::fs::write(ws.path("kiln.toml"), inv).unwrap();
+    let (uboot, _) = uboot(&ws, 200_000);
+    let images = ws.path("standin-images.tar.zst");
+    std::fs::write(&images, common::k3s::standin_images()).unwrap();
+    let rk1_base = real_base(&ws, "rk1");
+    let rpi5_base = real_base(&ws, "rpi5");
+    BootWs {
+        ws,
+        key,
+        rk1_base,
+        rpi5_base,
+        uboot,
+        images,
+    }
+}
+
+impl BootWs {
+    fn build(&self, node: &str, out: &str, extra: &[&str]) -> PathBuf {
+        let base = if node.starts_with("pi5") {
+            &self.rpi5_base
+        } else {
+            &self.rk1_base
+        };
+        let mut args = vec![
+            "build".to_string(),
+            node.into(),
+            "--out".into(),
+            out.into(),
+            "--artifact".into(),
+            format!("base={base}"),
+            "--artifact".into(),
+            format!("uboot={}", self.uboot.display()),
+            "--artifact".into(),
+            format!("k3s={}", repo().join("tests/standin/k3s").display()),
+            "--artifact".into(),
+            format!("k3s-images={}", self.images.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = self
+            .ws
+            .kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_ok(&o, &format!("build {node}"));
+        self.ws.path(&format!("{out}/{node}.img"))
+    }
+
+    /// A VM disk: a sparse copy of the image, grown as a bigger eMMC or NVMe would be.
+    fn disk(&self, img: &Path, name: &str) -> PathBuf {
+        let d = self.ws.path(&format!("{name}.disk"));
+        assert_ok(
+            &run(
+                "cp",
+                &[
+                    "--sparse=always",
+                    img.to_str().unwrap(),
+                    d.to_str().unwrap(),
+                ],
+            ),
+            "cp",
+        );
+        let f = std::fs::OpenOptions::new().write(true).open(&d).unwrap();
+        f.set_len(DISK).unwrap();
+        d
+    }
+
+    fn ssh(&self, port: u16, cmd: &str) -> Result<String, String> {
+        let o = Command::new("ssh")
+            .args([
+                "-i",
+                self.key.to_str().unwrap(),
+                "-p",
+                &port.to_string(),
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=10",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "root@127.0.0.1",
+                cmd,
+            ])
+            .output()
+            .map_err(|e| format!("ssh: {e}"))?;
+        if !o.status.success() {
+            return Err(format!("ssh `{cmd}` failed: {}", stderr(&o)));
+        }
+        Ok(stdout(&o))
+    }
+}
+
+/// QEMU arguments for a user-mode network shaped like ServerLAN: the guest keeps its static
+/// address, the gateway is this machine (SNTP stand-in on loopback), and only SSH and 6443 are
+/// forwarded, to 127.0.0.1.
+fn user_net(ip: &str, ssh: u16, api: u16, mac: u8) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!(
+            "user,id=n0,net=192.168.100.0/24,host=192.168.100.1,dns=192.168.100.3,\
+             hostfwd=tcp:127.0.0.1:{ssh}-{ip}:22,hostfwd=tcp:127.0.0.1:{api}-{ip}:6443"
+        ),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n0,mac=52:54:00:00:64:{mac:02x}"),
+    ]
+}
+
+/// RK1 image as flashed: QEMU's U-Boot finds extlinux.conf on the bootable partition.
+fn rk1_args(disk: &Path) -> Vec<String> {
+    vec![
+        "-smp".into(),
+        "2".into(),
+        "-bios".into(),
+        UBOOT_QEMU.into(),
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw", disk.display()),
+    ]
+}
+
+/// Pi 5 image: kernel, initramfs and command line from its own FAT partition (QEMU has no Pi 5),
+/// the console moved to virt's UART.
+fn pi5_args(bw: &BootWs, img: &Path, disk: &Path) -> Vec<String> {
+    let (_, parts) = sfdisk(img);
+    let boot = parts[0].start;
+    let kernel = bw.ws.path("pi5-kernel");
+    let initrd = bw.ws.path("pi5-initrd");
+    std::fs::write(&kernel, mcopy(img, boot, "kernel_2712.img")).unwrap();
+    std::fs::write(&initrd, mcopy(img, boot, "initramfs_2712")).unwrap();
+    let cmdline = String::from_utf8(mcopy(img, boot, "cmdline.txt"))
+        .unwrap()
+        .trim()
+        .replace("ttyAMA10", "ttyAMA0");
+    vec![
+        "-smp".into(),
+        "2".into(),
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-append".into(),
+        cmdline,
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw", disk.display()),
+    ]
+}
+
+const LOGIN_WAIT: Duration = Duration::from_secs(420);
+/// First boot of a bootstrap server with peers waits up to 120 s for them before initialising.
+const FIRSTBOOT_WAIT: Duration = Duration::from_secs(600);
+
+/// Checks a running single node from outside: SSH on the forwarded port, /ping on the other.
+fn check_node(bw: &BootWs, vm: &Vm, ssh: u16, api: u16, name: &str, ip: &str) -> String {
+    let vms = [vm];
+    let host = must(&vms, bw.ssh(ssh, "hostname"));
+    assert_eq!(host.trim(), name);
+    let addr = must(&vms, bw.ssh(ssh, "ip -4 -o addr show"));
+    assert!(
+        addr.lines().any(|l| l.contains(&format!("inet {ip}/24"))
+            && l.split_whitespace()
+                .nth(1)
+                .is_some_and(|i| i.starts_with("en") || i.starts_with("eth"))),
+        "{name}: {ip}/24 not on the wired interface:\n{addr}"
+    );
+    // Grown: images are built with about 1 GiB of root; the 3 GiB disk leaves it 2.4 GiB or more.
+    let size: u64 = must(&vms, bw.ssh(ssh, "df -B1 --output=size / | tail -n1"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        size > 2_300_000_000,
+        "{name}: root is {size} bytes, not grown"
+    );
+    let done = must(&vms, bw.ssh(ssh, "ls /var/lib/kiln/"));
+    assert!(done.contains("firstboot.done"), "{name}: {done}");
+    let active = must(&vms, bw.ssh(ssh, "systemctl is-active k3s.service"));
+    assert_eq!(active.trim(), "active", "{name}: k3s stand-in not running");
+    let o = Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "10",
+            &format!("https://127.0.0.1:{api}/ping"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&o),
+        "pong",
+        "{name}: /ping through the forwarded port"
+    );
+    // The host key the node made for itself.
+    let keys = Command::new("ssh-keyscan")
+        .args(["-t", "ed25519", "-p", &ssh.to_string(), "127.0.0.1"])
+        .output()
+        .unwrap();
+    let key = stdout(&keys);
+    assert!(key.contains("ssh-ed25519"), "{name}: no host key: {key}");
+    key.split_whitespace().last().unwrap_or("").to_string()
+}
+
+#[test]
+#[ignore = "slow tier: boots real images under QEMU (make test)"]
+fn rk1_and_pi5_images_boot_configure_themselves_and_start_k3s_once() {
+    let bw = boot_workspace("boot-single");
+    let _ntp = sntp(&[], "127.0.0.1");
+    let rk1 = bw.build("rk1-1", "out", &[]);
+    let pi5 = bw.build("pi5-staging", "out", &[]);
+    let rk1_disk = bw.disk(&rk1, "rk1-1");
+    let pi5_disk = bw.disk(&pi5, "pi5-staging");
+    let (rk1_ssh, rk1_api, pi5_ssh, pi5_api) = (free_port(), free_port(), free_port(), free_port());
+
+    let mut args = rk1_args(&rk1_disk);
+    args.extend(user_net("192.168.100.11", rk1_ssh, rk1_api, 0x11));
+    let a = Vm::start("rk1-1", &bw.ws.path("rk1-1.console"), &args);
+    let mut args = pi5_args(&bw, &pi5, &pi5_disk);
+    args.extend(user_net("192.168.100.10", pi5_ssh, pi5_api, 0x10));
+    let b = Vm::start("pi5-staging", &bw.ws.path("pi5-staging.console"), &args);
+
+    let t_rk1 = must(&[&a, &b], a.wait_for("rk1-1 login:", LOGIN_WAIT));
+    let t_pi5 = must(&[&a, &b], b.wait_for("pi5-staging login:", LOGIN_WAIT));
+    // Staging has no other server: it initialises at once. rk1-1 is production's bootstrap
+    // server and its peers are not running: it waits (120 s), then initialises.
+    let t_pi5_k3s = must(
+        &[&a, &b],
+        b.wait_for("K3S-STANDIN: server node-name=pi5-staging", FIRSTBOOT_WAIT),
+    );
+    let t_rk1_k3s = must(
+        &[&a, &b],
+        a.wait_for("K3S-STANDIN: server node-name=rk1-1", FIRSTBOOT_WAIT),
+    );
+    eprintln!(
+        "first boot: rk1-1 login {:.0} s, k3s {:.0} s; pi5-staging login {:.0} s, k3s {:.0} s",
+        t_rk1.as_secs_f64(),
+        t_rk1_k3s.as_secs_f64(),
+        t_pi5.as_secs_f64(),
+        t_pi5_k3s.as_secs_f64()
+    );
+    for (vm, ip) in [(&a, "192.168.100.11"), (&b, "192.168.100.10")] {
+        let l = vm.log();
+        let line = l
+            .lines()
+            .find(|x| x.contains("K3S-STANDIN: server"))
+            .unwrap();
+        assert!(
+            line.contains(&format!("node-ip={ip}"))
+                && line.contains("cluster-init=yes")
+                && line.contains("server=none"),
+            "{}: {line}",
+            vm.name
+        );
+        assert!(
+            l.contains("kiln-firstboot: first boot complete"),
+            "{}",
+            vm.name
+        );
+    }
+    let rk1_key = check_node(&bw, &a, rk1_ssh, rk1_api, "rk1-1", "192.168.100.11");
+    let pi5_key = check_node(&bw, &b, pi5_ssh, pi5_api, "pi5-staging", "192.168.100.10");
+    assert_ne!(rk1_key, pi5_key, "two nodes share an SSH host key");
+
+    for (vm, port) in [(&a, rk1_ssh), (&b, pi5_ssh)] {
+        let _ = bw.ssh(port, "systemctl poweroff");
+        must(&[], vm.wait_exit(Duration::from_secs(180)));
+    }
+
+    // Second boot of the RK1: first boot does not run again; k3s starts because it is enabled.
+    let mut args = rk1_args(&rk1_disk);
+    args.extend(user_net("192.168.100.11", rk1_ssh, rk1_api, 0x11));
+    let a = Vm::start("rk1-1 (second boot)", &bw.ws.path("rk1-1.console"), &args);
+    let t2 = must(
+        &[&a],
+        a.wait_for("K3S-STANDIN: server node-name=rk1-1", LOGIN_WAIT),
+    );
+    must(&[&a], a.wait_for("rk1-1 login:", LOGIN_WAIT));
+    eprintln!("second boot: rk1-1 k3s at {:.0} s", t2.as_secs_f64());
+    let second = a.log();
+    assert!(
+        !second.contains("kiln-firstboot: step"),
+        "first boot ran again:\n{second}"
+    );
+    let again = check_node(&bw, &a, rk1_ssh, rk1_api, "rk1-1", "192.168.100.11");
+    assert_eq!(again, rk1_key, "host key changed on the second boot");
+    let _ = bw.ssh(rk1_ssh, "systemctl poweroff");
+    must(&[], a.wait_exit(Duration::from_secs(180)));
+
+    // From outside: the root partition reaches the end of the disk and its filesystem is clean.
+    let (v, parts) = sfdisk(&rk1_disk);
+    let last = v["partitiontable"]["lastlba"].as_u64().unwrap();
+    assert_eq!(
+        (parts[1].start + parts[1].size) / 512 - 1,
+        last,
+        "root not grown to the end"
+    );
+    e2fsck(&rk1_disk, &parts[1]);
+}
+
+#[test]
+#[ignore = "slow tier: boots real images under QEMU (make test)"]
+fn a_broken_image_fails_the_boot_test_with_a_clear_message() {
+    let bw = boot_workspace("boot-broken");
+    let pi5 = bw.build("pi5-staging", "out", &[]);
+    // Break it: the command line names a root partition no disk has.
+    let (_, parts) = sfdisk(&pi5);
+    let spec = format!("{}@@{}", pi5.display(), parts[0].start);
+    let cmdline = String::from_utf8(mcopy(&pi5, parts[0].start, "cmdline.txt")).unwrap();
+    let start = cmdline.find("root=PARTUUID=").unwrap() + "root=PARTUUID=".len();
+    let end = start + cmdline[start..].find(' ').unwrap();
+    let broken = format!("{}deadbeef-02{}", &cmdline[..start], &cmdline[end..]);
+    let f = bw.ws.path("cmdline.txt");
+    std::fs::write(&f, broken).unwrap();
+    assert_ok(
+        &run(
+            "mcopy",
+            &["-o", "-i", &spec, f.to_str().unwrap(), "::/cmdline.txt"],
+        ),
+        "mcopy",
+    );
+    let disk = bw.disk(&pi5, "broken");
+    let mut args = pi5_args(&bw, &pi5, &disk);
+    args.extend(user_net("192.168.100.10", free_port(), free_port(), 0x10));
+    let vm = Vm::start("pi5-staging (broken)", &bw.ws.path("broken.console"), &args);
+    let err = vm
+        .wait_for("pi5-staging login:", LOGIN_WAIT)
+        .expect_err("an image with a wrong root PARTUUID reached login");
+    eprintln!("expected failure: {err}");
+    assert!(
+        err.contains("boot failed") && err.contains("deadbeef-02"),
+        "unclear failure: {err}"
+    );
+}
+
+/// A network namespace with a bridge holding the gateway address (where the SNTP stand-in
+/// listens) and one tap per VM: one L2 segment for the cluster that nothing leaves. Needs root.
+struct Lan {
+    ns: String,
+}
+
+impl Lan {
+    fn new(name: &str) -> Lan {
+        let ns = format!("kiln-{name}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let o = run("ip", args);
+            assert_ok(&o, &format!("ip {}", args.join(" ")));
+        };
+        ip(&["netns", "add", &ns]);
+        let lan = Lan { ns };
+        lan.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        lan.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        lan.exec_ok(&["ip", "addr", "add", "192.168.100.1/24", "dev", "br0"]);
+        lan.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        lan
+    }
+
+    fn exec_ok(&self, argv: &[&str]) {
+        let mut a = vec!["netns", "exec", &self.ns];
+        a.extend_from_slice(argv);
+        assert_ok(&run("ip", &a), &argv.join(" "));
+    }
+
+    /// A tap on the bridge, for one VM.
+    fn tap(&self, name: &str) {
+        self.exec_ok(&["ip", "tuntap", "add", name, "mode", "tap"]);
+        self.exec_ok(&["ip", "link", "set", name, "master", "br0"]);
+        self.exec_ok(&["ip", "link", "set", name, "up"]);
+    }
+
+    fn prefix(&self) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.ns.clone()]
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// QEMU in the namespace, on its tap, with a MAC of its own.
+fn start_on_lan(lan: &Lan, bw: &BootWs, name: &str, disk: &Path, tap: &str, mac: u8) -> Vm {
+    let mut args = lan.prefix();
+    args.push("qemu-system-aarch64".into());
+    args.extend(rk1_args(disk));
+    // One vCPU each: four guests share this machine's two cores.
+    if let Some(i) = args.iter().position(|a| a == "-smp") {
+        args[i + 1] = "1".into();
+    }
+    args.extend([
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n0,mac=52:54:00:00:65:{mac:02x}"),
+    ]);
+    Vm::start_with(name, &bw.ws.path(&format!("{name}.console")), &args)
+}
+
+/// The stand-in's report line for `node`, once it started.
+fn standin_line(vm: &Vm, node: &str) -> String {
+    let l = vm.log();
+    l.lines()
+        .find(|x| x.contains("K3S-STANDIN: ") && x.contains(&format!("node-name={node} ")))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+#[ignore = "slow tier: boots a four-node cluster under QEMU (make test); needs root"]
+fn a_cluster_forms_and_a_reimaged_server_rejoins_without_splitting_it() {
+    let bw = boot_workspace("boot-cluster");
+    let lan = Lan::new("cluster");
+    let _ntp = sntp(
+        &lan.prefix().iter().map(String::as_str).collect::<Vec<_>>(),
+        "192.168.100.1",
+    );
+    let nodes = ["rk1-1", "rk1-2", "rk1-3", "rk1-4"];
+    let mut vms = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let img = bw.build(n, "out", &[]);
+        let disk = bw.disk(&img, n);
+        let tap = format!("tap{}", i + 1);
+        lan.tap(&tap);
+        vms.push(start_on_lan(&lan, &bw, n, &disk, &tap, 0x11 + i as u8));
+    }
+    let all: Vec<&Vm> = vms.iter().collect();
+    // rk1-1 (bootstrap, peers not yet serving) initialises after its bounded wait; the other
+    // servers wait for it and join it; the agent joins a server.
+    let t = must(
+        &all,
+        vms[0].wait_for("K3S-STANDIN: server node-name=rk1-1", FIRSTBOOT_WAIT),
+    );
+    eprintln!("cluster: rk1-1 initialised at {:.0} s", t.as_secs_f64());
+    let l = standin_line(&vms[0], "rk1-1");
+    assert!(
+        l.contains("cluster-init=yes") && l.contains("server=none"),
+        "{l}"
+    );
+    for (i, n) in nodes.iter().enumerate().skip(1) {
+        let role = if *n == "rk1-4" { "agent" } else { "server" };
+        let t = must(
+            &all,
+            vms[i].wait_for(
+                &format!("K3S-STANDIN: {role} node-name={n}"),
+                FIRSTBOOT_WAIT,
+            ),
+        );
+        let l = standin_line(&vms[i], n);
+        eprintln!("cluster: {n} joined at {:.0} s: {l}", t.as_secs_f64());
+        assert!(l.contains("cluster-init=no"), "{n} initialised: {l}");
+        assert!(l.contains("server=https://192.168.100.1"), "{n}: {l}");
+        if role == "server" {
+            assert!(
+                l.contains("server=https://192.168.100.11:6443"),
+                "{n} joined a server that was not serving yet: {l}"
+            );
+        }
+    }
+
+    // rk1-1 fails and is reimaged: a rejoin image on a fresh disk, while rk1-2/rk1-3 run.
+    let first = vms.remove(0);
+    drop(first);
+    let rejoin = bw.build("rk1-1", "rejoin", &["--rejoin"]);
+    let disk = bw.disk(&rejoin, "rk1-1-reimaged");
+    let re = start_on_lan(&lan, &bw, "rk1-1-reimaged", &disk, "tap1", 0x11);
+    let mut all: Vec<&Vm> = vms.iter().collect();
+    all.push(&re);
+    let t = must(
+        &all,
+        re.wait_for("K3S-STANDIN: server node-name=rk1-1", FIRSTBOOT_WAIT),
+    );
+    let l = standin_line(&re, "rk1-1");
+    eprintln!(
+        "cluster: reimaged rk1-1 joined at {:.0} s: {l}",
+        t.as_secs_f64()
+    );
+    assert!(
+        l.contains("cluster-init=no") && l.contains("server=https://192.168.100.12:6443"),
+        "the reimaged bootstrap server did not join a live peer: {l}"
+    );
+    drop(re);
+    drop(vms);
+
+    // Every peer down: the reimaged server waits (well past the 120 s a fresh bootstrap server
+    // waits before initialising) and never initialises.
+    let disk = bw.disk(&rejoin, "rk1-1-alone");
+    let alone = start_on_lan(&lan, &bw, "rk1-1-alone", &disk, "tap1", 0x11);
+    let t = must(
+        &[&alone],
+        alone.wait_for("no peer answers yet (round 15,", FIRSTBOOT_WAIT),
+    );
+    let log = alone.log();
+    eprintln!(
+        "cluster: reimaged rk1-1 alone still waiting at {:.0} s",
+        t.as_secs_f64()
+    );
+    assert!(!log.contains("K3S-STANDIN"), "started k3s without a peer");
+    assert!(!log.contains("initialising"), "initialised without a peer");
+}
