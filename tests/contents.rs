@@ -590,3 +590,52 @@ fn first_boot_is_idempotent_step_by_step() {
         "the token reached the log: {err}"
     );
 }
+
+#[test]
+fn a_missing_bootstrapper_or_binfmt_handler_is_named_with_its_fix() {
+    let ws = Workspace::new("preflight");
+    let (ub, _) = uboot(&ws, 100_000);
+    let mut args = vec![
+        "build".to_string(),
+        "rk1-1".into(),
+        "--artifact".into(),
+        format!("uboot={}", ub.display()),
+    ];
+    args.extend(ws.k3s_args());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // No mmdebstrap on PATH (an empty directory; mke2fs is found by its full path check).
+    let empty = ws.path("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let sbin = format!("{}:/usr/sbin:/sbin", empty.display());
+    let o = ws.kiln_env(&argv, &[("PATH", &sbin)]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("mmdebstrap is not installed") && err.contains("apt-get install mmdebstrap"),
+        "{err}"
+    );
+
+    // mmdebstrap present, but no qemu-aarch64 handler registered (an empty binfmt_misc).
+    // Only a foreign architecture needs one; on an arm64 host this would really bootstrap.
+    if std::env::consts::ARCH == "x86_64" {
+        let binfmt = ws.path("binfmt_misc");
+        std::fs::create_dir_all(&binfmt).unwrap();
+        let o = ws.kiln_env(&argv, &[("KILN_BINFMT_DIR", binfmt.to_str().unwrap())]);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(
+            err.contains("qemu-aarch64") && err.contains("apt-get install qemu-user-static"),
+            "{err}"
+        );
+    }
+    assert!(!ws.path("out/rk1-1.img").exists());
+    assert!(
+        std::fs::read_dir(ws.path("cache/bases"))
+            .map(|d| d
+                .filter_map(|e| e.ok())
+                .all(|e| !e.file_name().to_string_lossy().ends_with(".tar.zst")))
+            .unwrap_or(true),
+        "a base was cached without being built"
+    );
+}
