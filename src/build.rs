@@ -6,6 +6,7 @@ use crate::config::size::human;
 use crate::fetch::{Cache, k3s};
 use crate::image::{self, ImageReport, Inputs};
 use crate::plan::{self, BaseInput, JoinMode, MissingArtifacts, NodePlan};
+use crate::publish::{self, Format, Manifest, NodeOutput, Published};
 use crate::rootfs::bootstrap;
 use anyhow::{Result, anyhow, bail};
 use std::collections::BTreeMap;
@@ -19,11 +20,14 @@ pub struct Request<'a> {
     pub skip_missing: bool,
     pub join: JoinMode,
     pub cache: Cache,
+    /// Outputs besides the raw image (see [`Format::resolve`]).
+    pub formats: Vec<Format>,
 }
 
 #[derive(Default)]
 pub struct Outcome {
     pub built: Vec<ImageReport>,
+    pub published: Vec<Published>,
     pub failed: Vec<(String, anyhow::Error)>,
     pub skipped: Vec<String>,
 }
@@ -158,16 +162,31 @@ pub fn run(req: &Request) -> Result<Outcome> {
         };
         jobs.push((p, inputs));
     }
+    let formats = Format::resolve(&req.formats);
+    let mut inputs_used: Vec<publish::Input> = Vec::new();
     for (p, inputs) in jobs {
-        let r = inputs.and_then(|i| image::build_node(&p, &i, &req.out));
+        let r = inputs.and_then(|i| {
+            let r = image::build_node(&p, &i, &req.out)?;
+            let published = publish::publish_image(&r.path, &formats)?;
+            note_inputs(&mut inputs_used, &p, &i, &r);
+            Ok((r, published))
+        });
         match r {
-            Ok(r) => {
+            Ok((r, published)) => {
+                let mut extra = String::new();
+                for (f, c) in &published.compressed {
+                    extra.push_str(&format!(
+                        ", {} {}",
+                        f.extension().unwrap_or(""),
+                        human(c.size)
+                    ));
+                }
                 println!(
-                    "{}: {} {} ({} data), kernel {}, k3s {}, {}{:.1} s",
+                    "{}: {} {} ({} data{extra}), kernel {}, k3s {}, {}{:.1} s",
                     r.node,
                     r.path.display(),
                     human(r.size),
-                    human(r.allocated),
+                    human(published.mapped_bytes),
                     r.kernel_version,
                     r.k3s_version,
                     if req.join == JoinMode::Rejoin {
@@ -178,6 +197,7 @@ pub fn run(req: &Request) -> Result<Outcome> {
                     r.seconds
                 );
                 outcome.built.push(r);
+                outcome.published.push(published);
             }
             Err(e) => {
                 eprintln!("error: {}: {e:#}", p.node.name);
@@ -185,5 +205,101 @@ pub fn run(req: &Request) -> Result<Outcome> {
             }
         }
     }
+    if !outcome.built.is_empty() {
+        write_index(req, &outcome, inputs_used)?;
+    }
     Ok(outcome)
+}
+
+/// Records the inputs a node was built from, once each, for the manifest.
+fn note_inputs(used: &mut Vec<publish::Input>, p: &NodePlan, i: &Inputs, r: &ImageReport) {
+    let mut add = |name: String, source: String, sha256: String| {
+        if !used.iter().any(|u| u.name == name && u.sha256 == sha256) {
+            used.push(publish::Input {
+                name,
+                source,
+                sha256,
+            });
+        }
+    };
+    let base_source = match &p.base {
+        BaseInput::File(f) => format!("--artifact base={}", f.display()),
+        BaseInput::Debian(recipe) => format!(
+            "mmdebstrap: {} (recipe {})",
+            recipe.describe(),
+            &recipe.key()[..16]
+        ),
+    };
+    add(
+        format!("base:{}", p.board.name()),
+        base_source,
+        r.identity.base_sha256.clone(),
+    );
+    add(
+        format!("k3s:{}", p.board.spec.arch.debian()),
+        i.k3s.binary.source.clone(),
+        i.k3s.binary.sha256.clone(),
+    );
+    add(
+        format!("k3s-images:{}", p.board.spec.arch.debian()),
+        i.k3s.images.source.clone(),
+        i.k3s.images.sha256.clone(),
+    );
+    for (name, path) in &p.artifacts {
+        if let Ok(sha) = crate::fetch::sha256_file(path) {
+            add(
+                name.clone(),
+                format!("--artifact {name}={}", path.display()),
+                sha,
+            );
+        }
+    }
+}
+
+/// SHA256SUMS and kiln-manifest.json for the images this run built.
+fn write_index(req: &Request, o: &Outcome, inputs: Vec<publish::Input>) -> Result<()> {
+    let mut files = Vec::new();
+    for p in &o.published {
+        files.push(&p.raw);
+        files.extend(p.compressed.iter().map(|(_, c)| c));
+    }
+    publish::write_sums(&req.out, &files)?;
+    let inv = &req.cfg.inventory;
+    let mut boards: Vec<publish::Source> = Vec::new();
+    for r in &o.built {
+        if let Some(b) = req.cfg.boards.get(&r.identity.board)
+            && !boards.iter().any(|x| x.name == b.name())
+        {
+            boards.push(publish::Source {
+                name: b.name().to_string(),
+                path: b.path.clone(),
+                sha256: b.sha256.clone(),
+            });
+        }
+    }
+    let m = Manifest {
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        inventory: publish::Source {
+            name: "inventory".into(),
+            path: inv.path.clone(),
+            sha256: inv.sha256.clone(),
+        },
+        boards,
+        inputs,
+        nodes: o
+            .built
+            .iter()
+            .zip(&o.published)
+            .map(|(r, p)| NodeOutput {
+                identity: r.identity.clone(),
+                files: std::iter::once(p.raw.clone())
+                    .chain(p.compressed.iter().map(|(_, c)| c.clone()))
+                    .collect(),
+                bmap: p.bmap.clone(),
+                mapped_bytes: p.mapped_bytes,
+            })
+            .collect(),
+    };
+    publish::write_manifest(&req.out, &m)?;
+    Ok(())
 }

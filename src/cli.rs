@@ -62,6 +62,10 @@ enum Cmd {
         /// initialises a cluster, it waits until a peer server answers and joins it.
         #[arg(long)]
         rejoin: bool,
+        /// Outputs beside the raw `<node>.img` (repeatable): `zst`, `xz` (for the Turing Pi
+        /// BMC), `gz`; `raw` alone adds none [default: raw + zst].
+        #[arg(long = "format", value_enum, value_name = "FORMAT")]
+        formats: Vec<crate::publish::Format>,
     },
     /// Build (or show) the cached Debian base of each board's recipe.
     Base {
@@ -148,6 +152,7 @@ pub fn run() -> Result<ExitCode> {
             artifacts,
             skip_missing,
             rejoin,
+            formats,
         } => {
             let supplied = parse_artifacts(&artifacts)?;
             let Some(cfg) = load(&cli.inventory, &boards_dir, true) else {
@@ -171,6 +176,7 @@ pub fn run() -> Result<ExitCode> {
                     plan::JoinMode::Init
                 },
                 cache: Cache::locate(cli.cache_dir.as_deref())?,
+                formats,
             };
             let o = crate::build::run(&req)?;
             if !o.failed.is_empty() {

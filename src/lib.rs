@@ -10,6 +10,7 @@ pub mod flash;
 pub mod image;
 pub mod plan;
 pub mod progress;
+pub mod publish;
 pub mod reimage;
 pub mod rootfs;
 pub mod secrets;

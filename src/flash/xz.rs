@@ -1,17 +1,8 @@
 //! `<node>.img.xz`, the form the BMC takes: it decompresses a file whose name ends in `.xz`
 //! while writing, so only the compressed bytes cross the network.
 
-use crate::util::AtomicFile;
 use anyhow::{Context, Result};
-use liblzma::stream::{Check, MtStreamBuilder};
-use liblzma::write::XzEncoder;
-use std::fs::File;
-use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-
-/// xz preset 6 (the `xz` default): its 8 MiB dictionary keeps the BMC's decompression memory
-/// small, which matters on a board that runs out of memory on back-to-back flashes.
-const PRESET: u32 = 6;
 
 /// The compressed image beside `img` and what the BMC is told about it.
 pub struct Compressed {
@@ -28,7 +19,7 @@ pub fn ensure(img: &Path) -> Result<Compressed> {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let fresh = matches!((mtime(&xz), mtime(img)), (Some(x), Some(i)) if x >= i);
     if !fresh {
-        compress(img, &xz)?;
+        compress(img)?;
     }
     let (length, sha256) = hash_file(&xz)?;
     Ok(Compressed {
@@ -38,41 +29,15 @@ pub fn ensure(img: &Path) -> Result<Compressed> {
     })
 }
 
-fn compress(img: &Path, dest: &Path) -> Result<()> {
-    let input = File::open(img).with_context(|| format!("opening {}", img.display()))?;
-    let len = input.metadata()?.len();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let stream = MtStreamBuilder::new()
-        .preset(PRESET)
-        .threads(threads)
-        .check(Check::Crc64)
-        .encoder()
-        .context("starting the xz encoder")?;
-    let mut out = AtomicFile::create(dest)?;
+/// The same compressor `kiln build --format xz` uses (publish stage), so both give one file.
+fn compress(img: &Path) -> Result<()> {
+    let len = std::fs::metadata(img)
+        .with_context(|| format!("reading {}", img.display()))?
+        .len();
     let pb = crate::progress::bytes(len, format!("compressing {}", img.display()));
-    {
-        let mut enc = XzEncoder::new_stream(out.file(), stream);
-        let mut r = BufReader::with_capacity(1 << 20, input);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut done = 0u64;
-        loop {
-            let n = r
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", img.display()))?;
-            if n == 0 {
-                break;
-            }
-            enc.write_all(&buf[..n])
-                .with_context(|| format!("writing {}", dest.display()))?;
-            done += n as u64;
-            pb.set_position(done);
-        }
-        enc.finish()
-            .with_context(|| format!("finishing {}", dest.display()))?;
-    }
+    let r = crate::publish::compress(img, &[crate::publish::Format::Xz], &|n| pb.set_position(n));
     pb.finish_and_clear();
-    out.commit()?;
-    Ok(())
+    r.map(|_| ())
 }
 
 /// Length and sha256 (hex) of a file.

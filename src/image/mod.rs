@@ -37,6 +37,7 @@ pub struct ImageReport {
     pub kernel_version: String,
     pub k3s_version: String,
     pub seconds: f64,
+    pub identity: Identity,
 }
 
 /// The resolved inputs of a node: files on disk, fetched or built by the earlier stages.
@@ -179,6 +180,7 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
         allocated,
         kernel_version: scan.kernel.version,
         k3s_version: inputs.k3s.version.clone(),
+        identity,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

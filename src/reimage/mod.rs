@@ -184,6 +184,8 @@ impl Run<'_> {
             skip_missing: false,
             join: JoinMode::Rejoin,
             cache: self.cache.clone(),
+            // The flash step sends the .xz; make it with the build.
+            formats: vec![crate::publish::Format::Xz],
         };
         let mut o = crate::build::run(&req)?;
         if let Some((_, e)) = o.failed.pop() {

@@ -139,6 +139,7 @@ impl Workspace {
             cache: kiln::fetch::Cache {
                 root: self.path("cache"),
             },
+            formats: vec![kiln::publish::Format::Raw],
         };
         let mut o = kiln::build::run(&req).unwrap();
         assert!(o.failed.is_empty(), "{:?}", o.failed);
