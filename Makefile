@@ -12,7 +12,7 @@ BASE ?=
 K3S ?=
 K3S_IMAGES ?=
 
-.PHONY: image test test-fast test-slow setup build check lint tpi clean
+.PHONY: image test test-fast test-slow bench setup build check lint tpi clean
 
 setup:
 	@bash tools/setup-host.sh
@@ -54,6 +54,10 @@ test-slow: setup
 	$(CARGO) test --locked $(SLOW_TESTS) -- --ignored --test-threads=1
 
 test: test-fast test-slow
+
+# kiln vs genimage, build --all vs single builds, peak RSS (needs root and the cached rk1 base).
+bench: setup
+	bash tools/bench.sh
 
 clean:
 	rm -rf $(OUT)

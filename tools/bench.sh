@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# make bench: kiln against genimage on the same base and layout (GPT, 256 MiB FAT32 boot,
+# ext4 root), end to end from the base tarball to a finished raw image; kiln build --all
+# against five single builds; peak RSS for the base and for a base twice its size.
+# Runs are interleaved; the table shows medians and ratios. Prints numbers, asserts nothing.
+#
+# Needs root (genimage's input tree is the base extracted with its owners) and the cached
+# rk1 base (`kiln base rk1`). ROUNDS=N changes the number of runs (default 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+KILN=$PWD/target/release/kiln
+work=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+
+cargo build --release --locked -q
+base=$("$KILN" base rk1 | awk '{print $3}')
+command -v genimage >/dev/null || { echo "genimage missing: apt-get install genimage" >&2; exit 1; }
+
+# A workspace: the repository's inventory and boards, stand-in k3s files and loader (the
+# benchmark measures image writing, not downloads).
+mkdir -p "$work/ws"
+cp -r kiln.toml boards overlays "$work/ws/"
+( cd "$work/ws" && "$KILN" secrets init >/dev/null )
+printf '#!/bin/sh\n# benchmark stand-in for k3s\n' > "$work/k3s"
+head -c 1048576 /dev/zero > "$work/images.tar.zst"
+head -c 1048576 /dev/urandom > "$work/uboot.bin"
+art=(--artifact "uboot=$work/uboot.bin" --artifact "k3s=$work/k3s" --artifact "k3s-images=$work/images.tar.zst")
+
+# Peak RSS (KiB) and wall seconds of a command, via GNU time.
+measure() { # name cmd...
+    local name=$1; shift
+    /usr/bin/time -f "%e %M" -o "$work/t" "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
+    read -r secs rss < "$work/t"
+    echo "$name $secs $rss" >> "$work/results"
+}
+
+kiln_one() {
+    rm -rf "$work/ws/out"
+    ( cd "$work/ws" && "$KILN" build rk1-1 --format raw --artifact "base=$1" "${art[@]}" )
+}
+
+# genimage: extract the tarball (as genimage needs a directory), boot files into a FAT32
+# vfat image, the tree into ext4 with mke2fs, both into a GPT disk.
+genimage_one() {
+    rm -rf "$work/g"; mkdir -p "$work/g/root" "$work/g/in" "$work/g/out" "$work/g/boot"
+    zstd -dc "$base" | tar -x -C "$work/g/root" --numeric-owner
+    k=$(ls "$work/g/root/boot/" | grep '^vmlinuz-' | head -n1)
+    cp "$work/g/root/boot/$k" "$work/g/boot/vmlinuz"
+    cp "$work/g/root/boot/initrd.img-${k#vmlinuz-}" "$work/g/boot/initrd.img"
+    cat > "$work/g/genimage.cfg" <<EOF
+image boot.vfat {
+    vfat { extraargs = "-F 32" files = { "$work/g/boot/vmlinuz", "$work/g/boot/initrd.img" } }
+    size = 256M
+}
+image root.ext4 {
+    ext4 { use-mke2fs = true label = "rootfs" }
+    size = 1200M
+}
+image disk.img {
+    hdimage { partition-table-type = "gpt" }
+    partition boot { image = "boot.vfat" offset = 16M bootable = true }
+    partition root { image = "root.ext4" }
+}
+EOF
+    genimage --config "$work/g/genimage.cfg" --rootpath "$work/g/root" \
+        --tmppath "$work/g/tmp" --inputpath "$work/g/out" --outputpath "$work/g/out"
+}
+
+# A base twice the size: the same tree again under /opt/copy.
+double="$work/double.tar.zst"
+rm -rf "$work/d"; mkdir -p "$work/d/opt/copy"
+zstd -dc "$base" | tar -x -C "$work/d" --numeric-owner
+zstd -dc "$base" | tar -x -C "$work/d/opt/copy" --numeric-owner
+tar -C "$work/d" --numeric-owner -c . | zstd -q -T0 -o "$double"
+rm -rf "$work/d"
+
+: > "$work/results"
+for r in $(seq "$ROUNDS"); do
+    measure kiln kiln_one "$base"
+    measure genimage genimage_one
+    measure kiln-2x kiln_one "$double"
+    rm -rf "$work/ws/out"
+    measure kiln-all bash -c "cd '$work/ws' && '$KILN' build --all --format raw --artifact base='$base' ${art[*]}"
+    measure kiln-5-singles bash -c "cd '$work/ws' && for n in pi5-staging rk1-1 rk1-2 rk1-3 rk1-4; do '$KILN' build \$n --format raw --artifact base='$base' ${art[*]}; done"
+    echo "round $r done" >&2
+done
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+med() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$work/results" | median; }
+printf '\n%-16s %10s %14s\n' run "median s" "peak RSS MiB"
+for n in kiln genimage kiln-2x kiln-all kiln-5-singles; do
+    printf '%-16s %10.2f %14.1f\n' "$n" "$(med "$n" 2)" "$(echo "$(med "$n" 3) / 1024" | bc -l)"
+done
+printf '\nkiln / genimage (one image, tarball to raw): %.2f\n' "$(echo "$(med kiln 2) / $(med genimage 2)" | bc -l)"
+printf 'kiln build --all / one kiln build: %.2f\n' "$(echo "$(med kiln-all 2) / $(med kiln 2)" | bc -l)"
+printf 'kiln build --all / five single builds: %.2f\n' "$(echo "$(med kiln-all 2) / $(med kiln-5-singles 2)" | bc -l)"
+printf 'peak RSS, base twice the size / base: %.2f\n' "$(echo "$(med kiln-2x 3) / $(med kiln 3)" | bc -l)"
+printf '(%s rounds, %s, %s cores, %s)\n' "$ROUNDS" "$(uname -m)" "$(nproc)" "$(date -u +%Y-%m-%d)"
