@@ -7,10 +7,13 @@ use crate::fetch::{Cache, k3s};
 use crate::image::{self, ImageReport, Inputs};
 use crate::plan::{self, BaseInput, JoinMode, MissingArtifacts, NodePlan};
 use crate::publish::{self, Format, Manifest, NodeOutput, Published};
+use crate::rootfs::base::BaseScan;
 use crate::rootfs::bootstrap;
 use anyhow::{Result, anyhow, bail};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub struct Request<'a> {
     pub cfg: &'a Config,
@@ -141,6 +144,7 @@ pub fn run(req: &Request) -> Result<Outcome> {
     // that need it.
     let bases = debian_bases(&req.cache, &plans);
     let mut k3s_files: BTreeMap<String, Result<k3s::K3sFiles, String>> = BTreeMap::new();
+    let mut scans: BTreeMap<(PathBuf, String), Result<Arc<BaseScan>, String>> = BTreeMap::new();
     let mut jobs: Vec<(NodePlan, Result<Inputs>)> = Vec::new();
     for p in plans {
         let base = match &p.base {
@@ -155,24 +159,68 @@ pub fn run(req: &Request) -> Result<Outcome> {
             .entry(k3s_key)
             .or_insert_with(|| k3s_for(&req.cache, &p).map_err(|e| format!("{e:#}")))
             .clone();
-        let inputs = match (base, k) {
-            (Ok(base), Ok(k3s)) => Ok(Inputs { base, k3s }),
-            (Err(e), _) => Err(anyhow!("base root filesystem: {e}")),
-            (_, Err(e)) => Err(anyhow!("k3s: {e}")),
+        // One scan per base and board (the board picks the device trees).
+        let scan = base.clone().and_then(|b| {
+            scans
+                .entry((b.clone(), p.board.name().to_string()))
+                .or_insert_with(|| {
+                    image::scan_base(&p, &b)
+                        .map(Arc::new)
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .clone()
+        });
+        let inputs = match (base, scan, k) {
+            (Ok(base), Ok(scan), Ok(k3s)) => Ok(Inputs { base, scan, k3s }),
+            (Err(e), _, _) | (_, Err(e), _) => Err(anyhow!("base root filesystem: {e}")),
+            (_, _, Err(e)) => Err(anyhow!("k3s: {e}")),
         };
         jobs.push((p, inputs));
     }
+
+    // Per-node work on every core: each node's mke2fs and compression run side by side.
     let formats = Format::resolve(&req.formats);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<NodeResult>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some((p, inputs)) = jobs.get(i) else {
+                        break;
+                    };
+                    let r = match inputs {
+                        Ok(inp) => image::build_node(p, inp, &req.out).and_then(|r| {
+                            let published = publish::publish_image(&r.path, &formats)?;
+                            Ok((r, published))
+                        }),
+                        Err(e) => Err(anyhow!("{e:#}")),
+                    };
+                    if let Ok(mut slot) = results[i].lock() {
+                        *slot = Some(r);
+                    }
+                }
+            });
+        }
+    });
+
     let mut inputs_used: Vec<publish::Input> = Vec::new();
-    for (p, inputs) in jobs {
-        let r = inputs.and_then(|i| {
-            let r = image::build_node(&p, &i, &req.out)?;
-            let published = publish::publish_image(&r.path, &formats)?;
-            note_inputs(&mut inputs_used, &p, &i, &r);
-            Ok((r, published))
-        });
+    for ((p, inputs), slot) in jobs.iter().zip(results) {
+        let r = slot
+            .into_inner()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Err(anyhow!("the build worker for {} stopped", p.node.name)));
         match r {
             Ok((r, published)) => {
+                if let Ok(i) = inputs {
+                    note_inputs(&mut inputs_used, p, i, &r);
+                }
                 let mut extra = String::new();
                 for (f, c) in &published.compressed {
                     extra.push_str(&format!(
@@ -210,6 +258,9 @@ pub fn run(req: &Request) -> Result<Outcome> {
     }
     Ok(outcome)
 }
+
+/// One node's image and what was published from it.
+type NodeResult = Result<(ImageReport, Published)>;
 
 /// Records the inputs a node was built from, once each, for the manifest.
 fn note_inputs(used: &mut Vec<publish::Input>, p: &NodePlan, i: &Inputs, r: &ImageReport) {

@@ -138,12 +138,22 @@ fn rk1_image_passes_independent_checks() {
     let meta = std::fs::metadata(&img).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert!(meta.blocks() * 512 < meta.len() / 4, "image is not sparse");
-    // No temporary files left next to it.
-    let names: Vec<String> = std::fs::read_dir(ws.path("out"))
+    // No temporary files left next to it: only the image and its published companions.
+    let mut names: Vec<String> = std::fs::read_dir(ws.path("out"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, vec!["rk1-1.img".to_string()]);
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "SHA256SUMS",
+            "kiln-manifest.json",
+            "rk1-1.img",
+            "rk1-1.img.bmap",
+            "rk1-1.img.zst"
+        ]
+    );
 }
 
 #[test]
@@ -298,11 +308,22 @@ fn corrupt_or_truncated_base_fails_cleanly_and_keeps_the_previous_image() {
             before,
             "previous image changed after a failed build"
         );
-        let names: Vec<String> = std::fs::read_dir(ws.path("out"))
+        let mut names: Vec<String> = std::fs::read_dir(ws.path("out"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, vec!["pi5-staging.img".to_string()], "leftover files");
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "SHA256SUMS",
+                "kiln-manifest.json",
+                "pi5-staging.img",
+                "pi5-staging.img.bmap",
+                "pi5-staging.img.zst"
+            ],
+            "leftover files"
+        );
     }
 }
 

@@ -40,11 +40,26 @@ pub struct ImageReport {
     pub identity: Identity,
 }
 
-/// The resolved inputs of a node: files on disk, fetched or built by the earlier stages.
+/// The resolved inputs of a node: files on disk, fetched or built by the earlier stages, and
+/// the scan of its base (shared by every node of a board).
 #[derive(Debug, Clone)]
 pub struct Inputs {
     pub base: PathBuf,
+    pub scan: std::sync::Arc<base::BaseScan>,
     pub k3s: K3sFiles,
+}
+
+/// One pass over a base: boot files and the numbers that size the root filesystem.
+pub fn scan_base(plan: &NodePlan, base_path: &Path) -> Result<base::BaseScan> {
+    let base_len = std::fs::metadata(base_path)
+        .with_context(|| format!("reading base tarball {}", base_path.display()))?
+        .len();
+    let pb = crate::progress::bytes(base_len, format!("{}: scanning base", plan.board.name()));
+    let scan = base::scan(base_path, &plan.board.spec.devicetree.copy, &|n| {
+        pb.set_position(n)
+    });
+    pb.finish_and_clear();
+    scan
 }
 
 /// Builds one node's image into `out_dir/<node>.img`.
@@ -57,12 +72,8 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
         .with_context(|| format!("reading base tarball {}", base_path.display()))?
         .len();
 
-    // 1. One pass over the base: boot files and the numbers that size the root filesystem.
-    let pb = crate::progress::bytes(base_len, format!("{node}: scanning base"));
-    let scan = base::scan(base_path, &plan.board.spec.devicetree.copy, &|n| {
-        pb.set_position(n)
-    })?;
-    pb.finish_and_clear();
+    // 1. The base's scan (done once per board by the caller).
+    let scan = &inputs.scan;
 
     let epoch = source_date_epoch(scan.max_mtime)?;
     let identity = Identity {
@@ -178,7 +189,7 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
         path,
         size: layout.disk_size,
         allocated,
-        kernel_version: scan.kernel.version,
+        kernel_version: scan.kernel.version.clone(),
         k3s_version: inputs.k3s.version.clone(),
         identity,
         seconds: started.elapsed().as_secs_f64(),
