@@ -25,19 +25,21 @@ cp -r kiln.toml boards overlays "$work/ws/"
 printf '#!/bin/sh\n# benchmark stand-in for k3s\n' > "$work/k3s"
 head -c 1048576 /dev/zero > "$work/images.tar.zst"
 head -c 1048576 /dev/urandom > "$work/uboot.bin"
-art=(--artifact "uboot=$work/uboot.bin" --artifact "k3s=$work/k3s" --artifact "k3s-images=$work/images.tar.zst")
+ART="--artifact uboot=$work/uboot.bin --artifact k3s=$work/k3s --artifact k3s-images=$work/images.tar.zst"
+export work KILN base ART
 
-# Peak RSS (KiB) and wall seconds of a command, via GNU time.
-measure() { # name cmd...
+# Peak RSS (KiB, the largest process) and wall seconds of a shell command, via GNU time.
+measure() { # name shell-command
     local name=$1; shift
-    /usr/bin/time -f "%e %M" -o "$work/t" "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
+    /usr/bin/time -f "%e %M" -o "$work/t" bash -c "$*" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
     read -r secs rss < "$work/t"
     echo "$name $secs $rss" >> "$work/results"
 }
 
 kiln_one() {
     rm -rf "$work/ws/out"
-    ( cd "$work/ws" && "$KILN" build rk1-1 --format raw --artifact "base=$1" "${art[@]}" )
+    # shellcheck disable=SC2086
+    ( cd "$work/ws" && "$KILN" build rk1-1 --format raw --artifact "base=$1" $ART )
 }
 
 # genimage: extract the tarball (as genimage needs a directory), boot files into a FAT32
@@ -67,6 +69,8 @@ EOF
         --tmppath "$work/g/tmp" --inputpath "$work/g/out" --outputpath "$work/g/out"
 }
 
+export -f kiln_one genimage_one
+
 # A base twice the size: the same tree again under /opt/copy.
 double="$work/double.tar.zst"
 rm -rf "$work/d"; mkdir -p "$work/d/opt/copy"
@@ -81,8 +85,8 @@ for r in $(seq "$ROUNDS"); do
     measure genimage genimage_one
     measure kiln-2x kiln_one "$double"
     rm -rf "$work/ws/out"
-    measure kiln-all bash -c "cd '$work/ws' && '$KILN' build --all --format raw --artifact base='$base' ${art[*]}"
-    measure kiln-5-singles bash -c "cd '$work/ws' && for n in pi5-staging rk1-1 rk1-2 rk1-3 rk1-4; do '$KILN' build \$n --format raw --artifact base='$base' ${art[*]}; done"
+    measure kiln-all "cd $work/ws && $KILN build --all --format raw --artifact base=$base $ART"
+    measure kiln-5-singles "cd $work/ws && for n in pi5-staging rk1-1 rk1-2 rk1-3 rk1-4; do $KILN build \$n --format raw --artifact base=$base $ART; done"
     echo "round $r done" >&2
 done
 
