@@ -264,7 +264,7 @@ type NodeResult = Result<(ImageReport, Published)>;
 
 /// Records the inputs a node was built from, once each, for the manifest.
 fn note_inputs(used: &mut Vec<publish::Input>, p: &NodePlan, i: &Inputs, r: &ImageReport) {
-    let mut add = |name: String, source: String, sha256: String| {
+    fn add(used: &mut Vec<publish::Input>, name: String, source: String, sha256: String) {
         if !used.iter().any(|u| u.name == name && u.sha256 == sha256) {
             used.push(publish::Input {
                 name,
@@ -272,7 +272,7 @@ fn note_inputs(used: &mut Vec<publish::Input>, p: &NodePlan, i: &Inputs, r: &Ima
                 sha256,
             });
         }
-    };
+    }
     let base_source = match &p.base {
         BaseInput::File(f) => format!("--artifact base={}", f.display()),
         BaseInput::Debian(recipe) => format!(
@@ -281,28 +281,33 @@ fn note_inputs(used: &mut Vec<publish::Input>, p: &NodePlan, i: &Inputs, r: &Ima
             &recipe.key()[..16]
         ),
     };
+    let arch = p.board.spec.arch.debian();
     add(
+        used,
         format!("base:{}", p.board.name()),
         base_source,
         r.identity.base_sha256.clone(),
     );
     add(
-        format!("k3s:{}", p.board.spec.arch.debian()),
+        used,
+        format!("k3s:{arch}"),
         i.k3s.binary.source.clone(),
         i.k3s.binary.sha256.clone(),
     );
     add(
-        format!("k3s-images:{}", p.board.spec.arch.debian()),
+        used,
+        format!("k3s-images:{arch}"),
         i.k3s.images.source.clone(),
         i.k3s.images.sha256.clone(),
     );
     for (name, path) in &p.artifacts {
+        // Nodes of a board share their loader: hash it once.
+        let source = format!("--artifact {name}={}", path.display());
+        if used.iter().any(|u| u.name == *name && u.source == source) {
+            continue;
+        }
         if let Ok(sha) = crate::fetch::sha256_file(path) {
-            add(
-                name.clone(),
-                format!("--artifact {name}={}", path.display()),
-                sha,
-            );
+            add(used, name.clone(), source, sha);
         }
     }
 }

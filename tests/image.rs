@@ -139,13 +139,8 @@ fn rk1_image_passes_independent_checks() {
     use std::os::unix::fs::MetadataExt;
     assert!(meta.blocks() * 512 < meta.len() / 4, "image is not sparse");
     // No temporary files left next to it: only the image and its published companions.
-    let mut names: Vec<String> = std::fs::read_dir(ws.path("out"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        out_names(&ws),
         [
             "SHA256SUMS",
             "kiln-manifest.json",
@@ -219,6 +214,16 @@ fn rpi5_image_passes_independent_checks() {
         "/etc/systemd/network/10-kiln-wired.network",
     );
     assert!(net.contains("Address=192.168.100.10/24"), "{net}");
+}
+
+/// The file names in the workspace's output directory, sorted.
+fn out_names(ws: &Workspace) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(ws.path("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 fn sha(p: &Path) -> String {
@@ -308,13 +313,8 @@ fn corrupt_or_truncated_base_fails_cleanly_and_keeps_the_previous_image() {
             before,
             "previous image changed after a failed build"
         );
-        let mut names: Vec<String> = std::fs::read_dir(ws.path("out"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
         assert_eq!(
-            names,
+            out_names(&ws),
             [
                 "SHA256SUMS",
                 "kiln-manifest.json",

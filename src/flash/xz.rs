@@ -13,15 +13,16 @@ pub struct Compressed {
 
 /// Returns `<img>.xz`, compressing `img` first when the `.xz` is missing or older than it.
 pub fn ensure(img: &Path) -> Result<Compressed> {
-    let mut name = img.as_os_str().to_owned();
-    name.push(".xz");
-    let xz = PathBuf::from(name);
+    let xz = crate::publish::with_extension(img, "xz");
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let fresh = matches!((mtime(&xz), mtime(img)), (Some(x), Some(i)) if x >= i);
-    if !fresh {
-        compress(img)?;
-    }
-    let (length, sha256) = hash_file(&xz)?;
+    let (length, sha256) = if fresh {
+        hash_file(&xz)?
+    } else {
+        // The compressing pass already hashed what it wrote.
+        let c = compress(img)?;
+        (c.size, c.sha256)
+    };
     Ok(Compressed {
         path: xz,
         length,
@@ -30,14 +31,18 @@ pub fn ensure(img: &Path) -> Result<Compressed> {
 }
 
 /// The same compressor `kiln build --format xz` uses (publish stage), so both give one file.
-fn compress(img: &Path) -> Result<()> {
+fn compress(img: &Path) -> Result<crate::publish::FileSum> {
     let len = std::fs::metadata(img)
         .with_context(|| format!("reading {}", img.display()))?
         .len();
     let pb = crate::progress::bytes(len, format!("compressing {}", img.display()));
     let r = crate::publish::compress(img, &[crate::publish::Format::Xz], &|n| pb.set_position(n));
     pb.finish_and_clear();
-    r.map(|_| ())
+    r?.compressed
+        .into_iter()
+        .next()
+        .map(|(_, c)| c)
+        .ok_or_else(|| anyhow::anyhow!("no .xz written for {}", img.display()))
 }
 
 /// Length and sha256 (hex) of a file.

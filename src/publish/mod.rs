@@ -161,7 +161,8 @@ impl Encoder {
     }
 }
 
-fn with_extension(img: &Path, ext: &str) -> PathBuf {
+/// `<img>.<ext>` (the image name keeps its own `.img`).
+pub fn with_extension(img: &Path, ext: &str) -> PathBuf {
     let mut s = img.as_os_str().to_owned();
     s.push(".");
     s.push(ext);

@@ -45,6 +45,7 @@ fn timesyncd_conf(plan: &NodePlan) -> String {
     s
 }
 
+/// `systemctl enable` as a symlink: `<target>.wants/<unit>` -> `/<unit_dir>/<unit>`.
 fn enable(t: &mut Tree, target: &str, unit: &str, unit_dir: &str) {
     t.symlink(
         &format!("etc/systemd/system/{target}.wants/{unit}"),
@@ -97,18 +98,16 @@ pub fn node_tree(plan: &NodePlan, identity: &Identity, token: &Token) -> Result<
         network_unit(plan),
     );
     // Enable networkd the way `systemctl enable` would, without running systemctl.
-    t.symlink(
-        "etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
-        "/usr/lib/systemd/system/systemd-networkd.service",
-    );
-    t.symlink(
-        "etc/systemd/system/sockets.target.wants/systemd-networkd.socket",
-        "/usr/lib/systemd/system/systemd-networkd.socket",
-    );
-    t.symlink(
-        "etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service",
-        "/usr/lib/systemd/system/systemd-networkd-wait-online.service",
-    );
+    for (target, unit) in [
+        ("multi-user.target", "systemd-networkd.service"),
+        ("sockets.target", "systemd-networkd.socket"),
+        (
+            "network-online.target",
+            "systemd-networkd-wait-online.service",
+        ),
+    ] {
+        enable(&mut t, target, unit, "usr/lib/systemd/system");
+    }
     // Empty: systemd makes this node's own ID on first boot (one image, many machines).
     t.file("etc/machine-id", 0o444, "");
     // systemd moves the clock forward to this file's mtime at boot (stamped with the build
