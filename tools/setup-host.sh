@@ -5,7 +5,7 @@
 set -euo pipefail
 
 # Image writing and the independent checkers.
-PACKAGES=(e2fsprogs libarchive13 gdisk fdisk dosfstools mtools zstd xz-utils openssh-client dash bmap-tools curl python3 genimage time bc)
+PACKAGES=(e2fsprogs libarchive13 gdisk fdisk dosfstools mtools zstd xz-utils openssh-client dash bmap-tools curl python3 genimage time bc initramfs-tools-core device-tree-compiler)
 # Building bases (mmdebstrap + qemu-user) and booting images (qemu-system, U-Boot for QEMU,
 # a VDE switch for the multi-node boot tests).
 EMU_PACKAGES=(mmdebstrap arch-test qemu-user-static binfmt-support qemu-system-arm u-boot-qemu vde2)
@@ -53,14 +53,12 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 if [ ${#missing[@]} -gt 0 ] || ! mke2fs_ok; then
-    if [ $use_backports -eq 1 ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        # Same mirror as the system's own bookworm sources.
-        uri=$(grep -rhoE '^(URIs:|deb) +[^ ]+' /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null \
-            | awk '{print $2}' | grep -v -e security -e '^\[' | head -n1 || true)
-        if [ -z "$uri" ]; then
-            echo "cannot find the Debian mirror in /etc/apt; add bookworm-backports by hand" >&2
+    if [ $use_backports -eq 1 ] && ! bash "$(dirname "$0")/debian-mirror.sh" bookworm-backports >/dev/null 2>&1; then
+        # The same mirror as the system's own bookworm entry (third-party sources ignored).
+        uri=$(bash "$(dirname "$0")/debian-mirror.sh" bookworm) || {
+            echo "cannot add bookworm-backports: see above" >&2
             exit 1
-        fi
+        }
         echo "deb $uri bookworm-backports main" > /etc/apt/sources.list.d/kiln-backports.list
     fi
     apt-get update
