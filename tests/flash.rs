@@ -6,6 +6,10 @@ mod common_bmc;
 use common_bmc::bmc::{FakeBmc, Mode, PASSWORD, USER};
 use common_bmc::fixture::{Workspace, sha256_file, stderr, stdout};
 use common_bmc::http;
+use kiln::config::size::human;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn setup(name: &str, mode: Mode, ip_base: u8) -> (FakeBmc, Workspace) {
     let bmc = FakeBmc::start(mode);
@@ -128,11 +132,11 @@ fn refuses_wrong_node_image_slotless_node_and_stale_image_before_contacting_the_
         "nothing may reach the BMC before the checks pass"
     );
 
-    // Any change to the inventory makes the image stale.
+    // A change to what goes into n2's image (here its address) makes the image stale.
     let inv = ws.path("kiln.toml");
-    let mut text = std::fs::read_to_string(&inv).unwrap();
-    text.push_str("\n# changed\n");
-    std::fs::write(&inv, text).unwrap();
+    let text = std::fs::read_to_string(&inv).unwrap();
+    assert!(text.contains("\"127.0.3.12\""), "{text}");
+    std::fs::write(&inv, text.replace("\"127.0.3.12\"", "\"127.0.3.99\"")).unwrap();
     let out = ws.kiln(&["flash", "n2"]);
     assert!(!out.status.success());
     assert!(
@@ -428,4 +432,454 @@ fn kiln_requests_match_the_official_tpi_client() {
                     .is_some_and(|a| a.starts_with("Bearer ")))
         );
     }
+}
+
+// ---- one transfer at a time: kiln leaves other clients' transfers alone ----
+
+fn tpi_bin() -> String {
+    let tpi = std::env::var("KILN_TPI")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.cache/tpi/bin/tpi").to_string());
+    assert!(
+        std::path::Path::new(&tpi).is_file(),
+        "the official tpi client is not installed at {tpi}; install it with \
+         `cargo install tpi --version 1.0.7 --locked --root .cache/tpi` (or set KILN_TPI)"
+    );
+    tpi
+}
+
+/// The official client flashing `xz` into `slot`, started in the background.
+fn tpi_flash(bmc: &FakeBmc, ws: &Workspace, slot: u8, xz: &std::path::Path) -> Child {
+    Command::new(tpi_bin())
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &bmc.addr.port().to_string(),
+            "--user",
+            USER,
+            "--password",
+            PASSWORD,
+            "flash",
+            "-n",
+            &slot.to_string(),
+            "-i",
+            xz.to_str().unwrap(),
+            "--sha256",
+            &sha256_file(xz),
+        ])
+        .env("HOME", &ws.dir)
+        .env("XDG_CACHE_HOME", &ws.dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `out/<node>.img.xz`, made before any client runs so nothing waits on compression.
+fn xz_of(ws: &Workspace, node: &str) -> PathBuf {
+    kiln::flash::xz::ensure(&ws.path(&format!("out/{node}.img")))
+        .unwrap()
+        .path
+}
+
+/// Waits until a transfer other than `not` runs on the test BMC and has written something
+/// (its upload is streaming); returns its id.
+fn wait_for_transfer(bmc: &FakeBmc, not: Option<u64>) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Some((id, written)) = bmc.state.lock().unwrap().transferring()
+            && written > 0
+            && Some(id) != not
+        {
+            return id;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no transfer started on the test BMC: {}",
+            bmc.state.lock().unwrap().status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cancels(bmc: &FakeBmc) -> Vec<String> {
+    bmc.requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/cancel"))
+        .map(|r| r.path)
+        .collect()
+}
+
+fn finished(c: Child) -> Output {
+    c.wait_with_output().unwrap()
+}
+
+fn status_ids(bmc: &FakeBmc) -> Vec<u64> {
+    let mut ids: Vec<u64> = Vec::new();
+    for st in bmc.state.lock().unwrap().statuses.iter() {
+        if let Some(id) = st["Transferring"]["id"].as_u64()
+            && ids.last() != Some(&id)
+        {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+#[test]
+fn kiln_refuses_while_tpi_flashes_and_that_flash_completes() {
+    let (bmc, ws) = setup("flash-busy-tpi", Mode::Normal, 12);
+    ws.build("n1");
+    ws.build("n2");
+    let xz1 = xz_of(&ws, "n1");
+    xz_of(&ws, "n2");
+    bmc.state.lock().unwrap().pace = Duration::from_millis(700);
+    let other = tpi_flash(&bmc, &ws, 1, &xz1);
+    let id = wait_for_transfer(&bmc, None);
+
+    let out = ws.kiln(&["flash", "n2"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let e = stderr(&out);
+    for x in [
+        "not flashing n2 (slot 2)",
+        "already flashing slot 1 (node `n1`; \"Node 1 os install service\")",
+        &format!("transfer id {id}"),
+        "written to the eMMC or read back so far",
+        "a new flash request would make the BMC drop it",
+        "Wait until it finishes",
+    ] {
+        assert!(e.contains(x), "expected `{x}` in: {e}");
+    }
+    assert_eq!(
+        flash_requests(&bmc).len(),
+        1,
+        "kiln must not send a flash request while another transfer runs"
+    );
+    assert!(
+        cancels(&bmc).is_empty(),
+        "kiln must not cancel: {:?}",
+        cancels(&bmc)
+    );
+    assert!(bmc.power_sets().is_empty());
+
+    // The other client's flash goes on undisturbed to the end.
+    let o = finished(other);
+    assert!(
+        o.status.success() && stdout(&o).contains("Done"),
+        "tpi's flash must complete: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let s = bmc.state.lock().unwrap();
+    assert!(s.dropped.is_empty(), "dropped: {:?}", s.dropped);
+    assert_eq!(s.uploads.len(), 1);
+    assert_eq!(s.uploads[0].answer, Some(Ok(())));
+    assert!(s.status().get("Done").is_some(), "{}", s.status());
+    assert_eq!(
+        s.uploads[0].written_sha256.as_deref(),
+        Some(sha256_file(&ws.path("out/n1.img")).as_str())
+    );
+}
+
+#[test]
+fn kiln_refuses_while_a_transfer_it_did_not_start_is_in_the_bmc_state() {
+    let (bmc, ws) = setup("flash-busy-state", Mode::Normal, 13);
+    ws.build("n1");
+    // As bmcd reports an upload to slot 3 by someone else: 1.3 GB written of a 50 MB .xz.
+    bmc.state
+        .lock()
+        .unwrap()
+        .inject_transfer(2, 777, 50_000_000, 1_300_000_000);
+    let before = bmc.state.lock().unwrap().status();
+    let out = ws.kiln(&["flash", "n1"]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    for x in [
+        "already flashing slot 3 (node `a3`",
+        "transfer id 777",
+        &format!(
+            "{} written to the eMMC or read back so far, from an upload of {}",
+            human(1_300_000_000),
+            human(50_000_000)
+        ),
+        "/api/bmc/upload/777/cancel",
+    ] {
+        assert!(e.contains(x), "expected `{x}` in: {e}");
+    }
+    assert!(flash_requests(&bmc).is_empty());
+    assert!(cancels(&bmc).is_empty());
+    assert_eq!(bmc.state.lock().unwrap().status(), before, "left as it was");
+}
+
+#[test]
+fn kiln_never_cancels_a_transfer_that_replaced_its_own() {
+    let (bmc, ws) = setup("flash-replaced", Mode::Normal, 14);
+    ws.build("n1");
+    xz_of(&ws, "n1");
+    bmc.state.lock().unwrap().pace = Duration::from_millis(700);
+    let child = ws
+        .kiln_command(
+            &["flash", "n1"],
+            &[("KILN_BMC_PASSWORD", common_bmc::bmc::PASSWORD)],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ours = wait_for_transfer(&bmc, None);
+    // Another client asks the BMC to flash slot 2: bmcd drops kiln's transfer for it.
+    let fp = kiln::flash::tls::parse_fingerprint(&bmc.cert.sha256_colons).unwrap();
+    let client = kiln::flash::bmc::Bmc::login(
+        &bmc.addr.to_string(),
+        USER,
+        PASSWORD,
+        kiln::flash::tls::pinned(Some(fp)).unwrap(),
+    )
+    .unwrap();
+    let theirs = client
+        .request_flash(2, "other.img.xz", 1000, &"0".repeat(64))
+        .unwrap();
+    let out = finished(child);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("another client requested a flash") && e.contains("not powered on"),
+        "{e}"
+    );
+    assert!(
+        cancels(&bmc).is_empty(),
+        "kiln cancelled: {:?}",
+        cancels(&bmc)
+    );
+    let s = bmc.state.lock().unwrap();
+    assert_eq!(s.dropped, vec![ours]);
+    assert_eq!(
+        s.transferring().map(|t| t.0),
+        Some(theirs),
+        "the other client's transfer still runs"
+    );
+    drop(s);
+    assert!(bmc.power_sets().is_empty());
+}
+
+#[test]
+fn ctrl_c_cancels_only_kilns_own_transfer() {
+    let (bmc, ws) = setup("flash-ctrlc", Mode::Normal, 15);
+    ws.build("n1");
+    xz_of(&ws, "n1");
+    bmc.state.lock().unwrap().pace = Duration::from_millis(700);
+    let child = ws
+        .kiln_command(
+            &["flash", "n1"],
+            &[("KILN_BMC_PASSWORD", common_bmc::bmc::PASSWORD)],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ours = wait_for_transfer(&bmc, None);
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = finished(child);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let e = stderr(&out);
+    assert!(e.contains("cancelled by Ctrl-C"), "{e}");
+    assert_eq!(
+        cancels(&bmc),
+        vec![format!("/api/bmc/upload/{ours}/cancel")]
+    );
+    assert!(bmc.power_sets().is_empty());
+}
+
+/// The test BMC must behave as bmcd does, shown with the official client: a new flash request
+/// drops the transfer in progress (its upload fails, the status shows the new transfer), and a
+/// cancel stops whatever runs, whatever handle it names.
+#[test]
+fn the_test_bmc_like_bmcd_drops_a_running_transfer_and_cancels_all() {
+    let (bmc, ws) = setup("flash-bmcd-like", Mode::Normal, 16);
+    ws.build("n1");
+    ws.build("n2");
+    let xz1 = xz_of(&ws, "n1");
+    let xz2 = xz_of(&ws, "n2");
+    bmc.state.lock().unwrap().pace = Duration::from_millis(700);
+
+    let a = tpi_flash(&bmc, &ws, 1, &xz1);
+    let a_id = wait_for_transfer(&bmc, None);
+    let b = tpi_flash(&bmc, &ws, 2, &xz2);
+    let b_out = finished(b);
+    assert!(
+        b_out.status.success() && stdout(&b_out).contains("Done"),
+        "the new flash completes: {}{}",
+        stdout(&b_out),
+        stderr(&b_out)
+    );
+    let a_out = finished(a);
+    {
+        let s = bmc.state.lock().unwrap();
+        assert_eq!(
+            s.dropped,
+            vec![a_id],
+            "the request for slot 2 dropped slot 1's"
+        );
+        assert_eq!(s.uploads.len(), 2);
+        assert_eq!(s.uploads[0].handle, a_id);
+        assert_eq!(
+            s.uploads[0].answer,
+            Some(Err("transfer canceled".to_string())),
+            "the dropped upload fails as bmcd's does"
+        );
+        assert_eq!(s.uploads[1].answer, Some(Ok(())));
+        assert!(s.status().get("Done").is_some(), "{}", s.status());
+    }
+    let b_id = bmc.state.lock().unwrap().uploads[1].handle;
+    assert_eq!(
+        status_ids(&bmc).first(),
+        Some(&b_id),
+        "tpi polls only after its upload: it meets the new transfer"
+    );
+    assert!(
+        !stdout(&a_out).contains("Done"),
+        "the dropped client must not see its flash done: {}{}",
+        stdout(&a_out),
+        stderr(&a_out)
+    );
+
+    // Cancel stops the running transfer even when it names another handle.
+    let c = tpi_flash(&bmc, &ws, 1, &xz1);
+    let c_id = wait_for_transfer(&bmc, Some(b_id));
+    let fp = kiln::flash::tls::parse_fingerprint(&bmc.cert.sha256_colons).unwrap();
+    let client = kiln::flash::bmc::Bmc::login(
+        &bmc.addr.to_string(),
+        USER,
+        PASSWORD,
+        kiln::flash::tls::pinned(Some(fp)).unwrap(),
+    )
+    .unwrap();
+    client.cancel(c_id + 1).unwrap();
+    let c_out = finished(c);
+    assert!(
+        stderr(&c_out).contains("Error occured during flashing")
+            && stderr(&c_out).contains("cancelled by user"),
+        "{}{}",
+        stdout(&c_out),
+        stderr(&c_out)
+    );
+    let s = bmc.state.lock().unwrap();
+    assert_eq!(
+        s.uploads.last().and_then(|u| u.answer.clone()),
+        Some(Err("cancelled by user".to_string()))
+    );
+    assert_eq!(
+        s.status(),
+        serde_json::json!({"Error": "cancelled by user"})
+    );
+}
+
+// ---- progress that is true for .xz uploads ----
+
+#[test]
+fn progress_shows_phases_and_decompressed_bytes() {
+    let (bmc, ws) = setup("flash-progress", Mode::Normal, 17);
+    let img = ws.build("n1");
+    let raw = std::fs::metadata(&img).unwrap().len();
+    let xz_len = std::fs::metadata(xz_of(&ws, "n1")).unwrap().len();
+    assert!(raw > xz_len);
+    bmc.state.lock().unwrap().pace = Duration::from_millis(800);
+    let out = ws.kiln(&["flash", "n1", "--no-power-on"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The test BMC reported as bmcd does: `size` is the .xz, `bytes_written` counts the
+    // decompressed image (so it passes `size`), then starts again for the read-back.
+    let written: Vec<u64> = bmc
+        .state
+        .lock()
+        .unwrap()
+        .statuses
+        .iter()
+        .filter_map(|v| {
+            let t = v.get("Transferring")?;
+            assert_eq!(t["size"].as_u64(), Some(xz_len));
+            t["bytes_written"].as_u64()
+        })
+        .collect();
+    assert_eq!(written.iter().max(), Some(&raw), "{written:?}");
+    assert!(
+        written.windows(2).any(|w| w[1] < w[0]),
+        "the count restarts for the verify pass: {written:?}"
+    );
+
+    // kiln shows the phases in order, with byte counts, never a percentage.
+    let so = stdout(&out);
+    let at = |p: &str| {
+        so.find(&format!("n1: {p}"))
+            .unwrap_or_else(|| panic!("`n1: {p}` not shown: {so}"))
+    };
+    assert!(at("uploading") < at("writing"), "{so}");
+    assert!(at("writing") < at("verifying"), "{so}");
+    assert!(at("verifying") < at("flashed and verified"), "{so}");
+    assert!(
+        so.contains(&format!("{} written to the eMMC and read back", human(raw))),
+        "{so}"
+    );
+    assert!(!so.contains('%'), "{so}");
+}
+
+// ---- staleness: what went into this node's image, not the whole inventory ----
+
+#[test]
+fn staleness_follows_this_nodes_plan_not_the_whole_inventory() {
+    let (bmc, ws) = setup("flash-plan", Mode::Normal, 18);
+    ws.build("n2");
+    let inv = ws.path("kiln.toml");
+    let original = std::fs::read_to_string(&inv).unwrap();
+
+    // A new BMC (another address and certificate) and another node: n2's image is untouched.
+    let other = FakeBmc::start(Mode::Normal);
+    let base = original
+        .replace(&bmc.addr.to_string(), &other.addr.to_string())
+        .replace(&bmc.cert.sha256_colons, &other.cert.sha256_colons)
+        + "\n[[node]]\nname = \"a5\"\ncluster = \"prod\"\nboard = \"tiny\"\nip = \"127.0.18.15\"\nrole = \"agent\"\nslot = 4\n";
+    std::fs::write(&inv, &base).unwrap();
+    let out = ws.kiln(&["flash", "n2", "--no-power-on"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("predates"), "{}", stderr(&out));
+    assert_eq!(flash_requests(&other).len(), 1);
+    assert!(bmc.requests().is_empty());
+    let seen = other.requests().len();
+
+    let stale = |text: String, expect: &[&str]| {
+        std::fs::write(&inv, text).unwrap();
+        let out = ws.kiln(&["flash", "n2", "--no-power-on"]);
+        assert!(!out.status.success(), "{}", stdout(&out));
+        let e = stderr(&out);
+        for x in expect {
+            assert!(e.contains(x), "expected `{x}` in: {e}");
+        }
+        assert!(e.contains("--force"), "{e}");
+        assert_eq!(
+            other.requests().len(),
+            seen,
+            "refused before the BMC is contacted"
+        );
+    };
+    // This node's address.
+    stale(
+        base.replace("\"127.0.18.12\"", "\"127.0.18.99\""),
+        &["older than the inventory", "ip 127.0.18.12 → 127.0.18.99"],
+    );
+    // The k3s release.
+    stale(
+        format!("{base}\n[k3s]\nversion = \"v1.33.5+k3s1\"\n"),
+        &["older than the inventory"],
+    );
+    // The board profile.
+    std::fs::write(&inv, &base).unwrap();
+    let board = ws.path("boards/tiny.toml");
+    let mut profile = std::fs::read_to_string(&board).unwrap();
+    profile.push_str("\n# tuned\n");
+    std::fs::write(&board, profile).unwrap();
+    stale(base.clone(), &["older than the board profile"]);
 }

@@ -1,5 +1,5 @@
 //! `kiln reimage` end to end against a fake BMC and a fake Kubernetes API (test doubles on
-//! 127.0.0.1): build, delete the Node, power off, flash, power on, wait until Ready.
+//! 127.0.0.1): build, power off, delete the Node, flash, power on, wait until Ready.
 
 mod common_bmc;
 
@@ -59,23 +59,38 @@ fn a_server_is_removed_from_etcd_flashed_and_waited_for() {
     ];
     let (bmc, kube, ws) = setup("reimage-server", b, nodes, Some(("n2", 2)));
     bmc.state.lock().unwrap().power[1] = true;
+    kube.watch_power("n2", 2, bmc.state.clone());
     let out = reimage(&ws, "n2", &[]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let so = stdout(&out);
-    for step in [
+    let mut at = 0;
+    for (i, step) in [
         "build",
-        "delete-node",
         "power-off",
+        "delete-node",
         "flash",
         "power-on",
         "wait-ready",
-    ] {
+    ]
+    .iter()
+    .enumerate()
+    {
+        let line = format!("[{}/6] n2: {step}", i + 1);
+        let found = so[at..].find(&line);
         assert!(
-            so.contains(&format!("n2: {step}")),
-            "step {step} not printed: {so}"
+            found.is_some(),
+            "step {step} not printed as `{line}` after the previous one: {so}"
         );
+        at += found.unwrap_or(0);
     }
     assert_eq!(kube.deletes(), vec!["/api/v1/nodes/n2".to_string()]);
+    // A server still running when its etcd member goes would wipe itself and rejoin under
+    // the same name: the Node is deleted only once its slot is off.
+    assert_eq!(
+        kube.state.lock().unwrap().power_at_delete,
+        vec![("n2".to_string(), Some(false))],
+        "the Node must be deleted while its slot is powered off"
+    );
     // Power off, then flash, then power on — in that order.
     let reqs = bmc.requests();
     let idx = |f: &dyn Fn(&common_bmc::http::Request) -> bool| {
@@ -160,4 +175,85 @@ fn an_image_built_to_create_the_cluster_is_never_flashed_by_a_reimage() {
         bmc.uploads().is_empty(),
         "an init image was uploaded to the BMC"
     );
+}
+
+#[test]
+fn a_powered_on_server_is_never_deleted_and_power_off_comes_first() {
+    let b = 34;
+    let nodes = vec![
+        node("n1", &shift("127.0.0.11", b), true, true, "n1-boot"),
+        node("n2", &shift("127.0.0.12", b), false, true, "old-boot"),
+    ];
+    let (bmc, kube, ws) = setup("reimage-poweredon", b, nodes, None);
+    kube.watch_power("n2", 2, bmc.state.clone());
+    bmc.state.lock().unwrap().power[1] = true;
+    // Resuming at delete-node skips power-off: kiln must see the slot is still on and refuse.
+    let out = reimage(&ws, "n2", &["--from-step", "delete-node"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("slot 2 (n2) is powered on") && e.contains("--from-step power-off"),
+        "{e}"
+    );
+    assert!(kube.deletes().is_empty(), "a powered-on server was deleted");
+    assert!(bmc.power_sets().is_empty(), "delete-node switches nothing");
+
+    // From power-off, the new order runs power-off, then delete-node (then flash, which
+    // refuses this init image: only the order up to the delete matters here).
+    ws.build("n2");
+    let out = reimage(&ws, "n2", &["--from-step", "power-off"]);
+    let so = stdout(&out);
+    assert!(!out.status.success(), "{so}");
+    let off = so.find("[2/6] n2: power-off").expect(&so);
+    let del = so.find("[3/6] n2: delete-node").expect(&so);
+    assert!(off < del, "{so}");
+    assert!(
+        stderr(&out).contains("step `flash` failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        bmc.power_sets(),
+        vec![("node2".to_string(), "0".to_string())]
+    );
+    assert_eq!(
+        kube.state.lock().unwrap().power_at_delete,
+        vec![("n2".to_string(), Some(false))]
+    );
+}
+
+#[test]
+fn a_wrong_cluster_is_noticed_before_anything_is_powered_off() {
+    let b = 35;
+    let nodes = vec![
+        node("n1", &shift("127.0.0.11", b), true, true, "n1-boot"),
+        node("n2", "10.9.9.9", true, true, "x"),
+    ];
+    let (bmc, kube, ws) = setup("reimage-wrongip-off", b, nodes, None);
+    let out = reimage(&ws, "n2", &["--from-step", "power-off"]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("InternalIP 10.9.9.9"), "{e}");
+    assert!(e.contains("--from-step power-off"), "{e}");
+    assert!(kube.deletes().is_empty());
+    assert!(
+        bmc.requests().is_empty(),
+        "the Kubernetes checks come before the BMC is touched"
+    );
+}
+
+#[test]
+fn the_last_etcd_server_is_not_powered_off_without_force() {
+    let b = 36;
+    let nodes = vec![
+        node("n1", &shift("127.0.0.11", b), false, true, "n1-boot"),
+        node("n2", &shift("127.0.0.12", b), true, true, "old-boot"),
+    ];
+    let (bmc, kube, ws) = setup("reimage-lastetcd", b, nodes, None);
+    let out = reimage(&ws, "n2", &["--from-step", "power-off"]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("no other Ready etcd server"), "{e}");
+    assert!(kube.deletes().is_empty());
+    assert!(bmc.requests().is_empty(), "nothing may be switched off");
 }

@@ -27,7 +27,13 @@ pub enum FlashStatus {
     Ready,
     Transferring {
         id: u64,
+        /// What bmcd is doing, e.g. `Node 2 os install service` (slot 2) or `firmware upgrade
+        /// service`. The status does not name the file.
+        process: String,
+        /// Length of the upload (for `.xz`: the compressed length).
         size: u64,
+        /// Bytes written to the eMMC (for `.xz`: decompressed); starts again from 0 for the
+        /// CRC read-back. Not comparable with `size`: see [`super::phase`].
         bytes_written: u64,
         cancelled: bool,
     },
@@ -46,6 +52,11 @@ impl FlashStatus {
             let num = |k: &str| t.get(k).and_then(Value::as_u64).unwrap_or(0);
             return Ok(FlashStatus::Transferring {
                 id: num("id"),
+                process: t
+                    .get("process_name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
                 size: num("size"),
                 bytes_written: num("bytes_written"),
                 cancelled: t.get("cancelled").and_then(Value::as_bool).unwrap_or(false),
@@ -243,7 +254,9 @@ impl Bmc {
         self.body(resp, "upload").map(|_| ())
     }
 
-    /// Stops the transfer `handle`; the BMC aborts writing.
+    /// Stops the transfer `handle`; the BMC aborts writing. bmcd ignores the handle and
+    /// cancels **every** transfer, so call this only for a transfer the flash status shows to
+    /// be ours (see `flash::cancel_own`).
     pub fn cancel(&self, handle: u64) -> Result<()> {
         let r = self
             .agent
@@ -312,6 +325,7 @@ mod tests {
             FlashStatus::parse(&t).unwrap(),
             FlashStatus::Transferring {
                 id: 7,
+                process: "x".into(),
                 size: 100,
                 bytes_written: 40,
                 cancelled: false

@@ -2,12 +2,13 @@
 //! (onto a local disk or file).
 
 pub mod bmc;
+pub mod phase;
 pub mod tls;
 pub mod wait;
 pub mod write;
 pub mod xz;
 
-use crate::config::{self, Config, inventory::Node, inventory::Target};
+use crate::config::{self, Config, inventory::Node};
 use anyhow::{Context, Result, anyhow, bail};
 use bmc::{Bmc, FlashStatus};
 use std::fs::File;
@@ -15,18 +16,20 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// `kiln flash NODE`
 #[derive(clap::Args, Debug)]
 #[command(long_about = "Flash a node's eMMC through the Turing Pi 2 BMC.\n\n\
-Steps: check the image was built for NODE from the current inventory and board profile; \
-make <image>.xz beside it if missing or stale; log in to the BMC ([bmc] in the inventory, \
-password from KILN_BMC_PASSWORD or a prompt); request the flash with the upload's length and \
-sha256; stream the .xz (the BMC decompresses and writes it, then reads it back); power the \
-node on; with --wait, wait until it answers on its address. Ctrl-C cancels the upload. \
-A node whose flash failed is never powered on.")]
+Steps: check the image was built for NODE and that what of the inventory and board profile \
+went into it (its plan hash) is unchanged; make <image>.xz beside it if missing or stale; log \
+in to the BMC ([bmc] in the inventory, password from KILN_BMC_PASSWORD or a prompt); read the \
+BMC's flash status and refuse while another transfer runs (a new request would make the BMC \
+drop it); request the flash with the upload's length and sha256; stream the .xz (the BMC \
+decompresses and writes it, then reads it back), showing phase and bytes; power the node on; \
+with --wait, wait until it answers on its address. Ctrl-C cancels kiln's own transfer, never \
+another client's. A node whose flash failed is never powered on.")]
 pub struct FlashArgs {
     /// Node to flash; it needs a `slot` in the inventory.
     pub node: String,
@@ -36,7 +39,8 @@ pub struct FlashArgs {
     /// Directory holding `<node>.img` (as written by `kiln build`).
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
-    /// Flash even if the image was built from an older inventory or board profile.
+    /// Flash even if what went into the image (the node's plan in the inventory, the board
+    /// profile) has changed since it was built.
     #[arg(long)]
     pub force: bool,
     /// Leave the node powered off after flashing.
@@ -79,7 +83,7 @@ fn install_ctrlc() {
 pub fn run_flash(inventory: &Path, boards: &Path, args: &FlashArgs) -> Result<ExitCode> {
     let cfg = config::load(inventory, boards, false)?;
     let node = lookup(&cfg, &args.node)?;
-    let slot = slot_of(node)?;
+    let slot = slot_of(&cfg, node)?;
     let image = args
         .image
         .clone()
@@ -87,7 +91,7 @@ pub fn run_flash(inventory: &Path, boards: &Path, args: &FlashArgs) -> Result<Ex
     check_image(&cfg, node, &image, args.force)?;
     let xz = xz::ensure(&image)?;
     let bmc = connect(&cfg, &args.bmc)?;
-    flash(&bmc, node, slot, &xz, &args.bmc)?;
+    flash(&bmc, &cfg, node, slot, &xz, &args.bmc)?;
     if args.no_power_on {
         println!("{}: left powered off (--no-power-on)", node.name);
         return Ok(ExitCode::SUCCESS);
@@ -117,16 +121,20 @@ pub(crate) fn lookup<'a>(cfg: &'a Config, name: &str) -> Result<&'a Node> {
 }
 
 /// The BMC slot of a node, refusing nodes the BMC cannot flash.
-pub(crate) fn slot_of(node: &Node) -> Result<u8> {
+pub(crate) fn slot_of(cfg: &Config, node: &Node) -> Result<u8> {
     let Some(slot) = node.slot else {
         bail!(
             "node `{}` has no `slot`; expected `slot = 1..4` for a node in the Turing Pi (use `kiln write` for other machines)",
             node.name
         );
     };
-    if node.target != Target::Emmc {
+    let bmc_writes = cfg
+        .board_of(node)
+        .and_then(|b| b.spec.targets.get(&node.target))
+        .is_some_and(|t| t.bmc_flash);
+    if !bmc_writes {
         bail!(
-            "node `{}` boots from {:?}, but the BMC writes only the eMMC; write the image from a running system with `kiln write IMAGE /dev/nvme0n1`",
+            "node `{}` boots from its `{}` target, which the BMC cannot write (it writes only the module's eMMC); write the image with `kiln write IMAGE DEVICE` instead",
             node.name,
             node.target
         );
@@ -134,8 +142,9 @@ pub(crate) fn slot_of(node: &Node) -> Result<u8> {
     Ok(slot)
 }
 
-/// Refuses an image built for another node, or (unless `force`) from an inventory or board
-/// profile that has changed since.
+/// Refuses an image built for another node, or (unless `force`) one whose plan — what of the
+/// inventory and board profile went into this node's image — has changed since it was built.
+/// Changes that do not reach this node (another node, `[bmc]`, comments) leave it fresh.
 pub(crate) fn check_image(cfg: &Config, node: &Node, image: &Path, force: bool) -> Result<()> {
     let id = crate::image::inspect::identity(image)?;
     if id.node != node.name || id.cluster != node.cluster {
@@ -151,28 +160,111 @@ pub(crate) fn check_image(cfg: &Config, node: &Node, image: &Path, force: bool) 
     let board = cfg
         .board_of(node)
         .ok_or_else(|| anyhow!("node `{}`: board `{}` not loaded", node.name, node.board))?;
-    let mut stale = Vec::new();
-    if id.inventory_sha256 != cfg.inventory.sha256 {
-        stale.push(format!("inventory {}", cfg.inventory.path.display()));
+    let inv = cfg.inventory.path.display();
+    let mut what = Vec::new();
+    let mut why = Vec::new();
+    if id.plan_sha256.is_empty() {
+        // An image from a kiln that did not record its plan: only the whole file can tell.
+        if id.inventory_sha256 != cfg.inventory.sha256 {
+            what.push("inventory");
+            why.push(format!(
+                "{inv} changed since it was built (the image records no plan hash, so any change counts)"
+            ));
+        }
+    } else {
+        match crate::plan_hash::of_config(cfg, node) {
+            Ok(now) if now == id.plan_sha256 => {}
+            // The hash covers the board profile too: tell the inventory's part apart by
+            // hashing again with the image's board hash.
+            Ok(_)
+                if crate::plan_hash::of_config_with_board_sha256(cfg, node, &id.board_sha256)
+                    .is_ok_and(|h| h == id.plan_sha256) => {}
+            Ok(_) => {
+                what.push("inventory");
+                let changes = plan_changes(&id, cfg, node);
+                why.push(format!(
+                    "what {inv} puts into {}'s image changed since it was built ({})",
+                    node.name,
+                    if changes.is_empty() {
+                        "its network, SSH keys, overlays, k3s release or cluster peers".to_string()
+                    } else {
+                        changes.join(", ")
+                    }
+                ));
+            }
+            Err(e) => {
+                what.push("inventory");
+                why.push(format!("its current plan cannot be computed: {e:#}"));
+            }
+        }
     }
     if id.board != board.name() || id.board_sha256 != board.sha256 {
-        stale.push(format!("board profile {}", board.path.display()));
+        what.push("board profile");
+        why.push(format!(
+            "{} changed since it was built",
+            board.path.display()
+        ));
     }
-    if !stale.is_empty() {
-        let what = stale.join(" and ");
+    if !what.is_empty() {
+        let what = what.join(" and ");
+        let why = why.join("; ");
         if !force {
             bail!(
-                "{} is older than the {what} it was built from; expected a fresh image: run `kiln build {}` (or pass --force to flash it anyway)",
+                "{} is older than the {what}: {why}; expected a fresh image: run `kiln build {}` (or pass --force to flash it anyway)",
                 image.display(),
                 node.name
             );
         }
         eprintln!(
-            "warning: {} predates the current {what}; flashing anyway (--force)",
+            "warning: {} predates the current {what} ({why}); flashing anyway (--force)",
             image.display()
         );
     }
     Ok(())
+}
+
+/// The differences between an image's identity and the node's current settings that the
+/// identity can show (the plan hash says only that something changed).
+fn plan_changes(id: &crate::plan::Identity, cfg: &Config, node: &Node) -> Vec<String> {
+    let mut c = Vec::new();
+    let mut diff = |what: &str, was: String, now: String| {
+        if was != now {
+            c.push(format!("{what} {was} → {now}"));
+        }
+    };
+    let show = |o: Option<String>| o.unwrap_or_else(|| "none".to_string());
+    diff("ip", id.ip.to_string(), node.ip.to_string());
+    diff(
+        "role",
+        format!("{:?}", id.role).to_lowercase(),
+        format!("{:?}", node.role).to_lowercase(),
+    );
+    diff(
+        "bootstrap",
+        id.bootstrap.to_string(),
+        node.bootstrap.to_string(),
+    );
+    diff(
+        "slot",
+        show(id.slot.map(|s| s.to_string())),
+        show(node.slot.map(|s| s.to_string())),
+    );
+    diff("board", id.board.clone(), node.board.clone());
+    diff("target", id.target.to_string(), node.target.to_string());
+    diff(
+        "variant",
+        show(id.variant.clone()),
+        show(node.variant.clone()),
+    );
+    // `custom` means the build was given its own k3s (`--artifact k3s=`).
+    if id.k3s_version != "custom" {
+        diff(
+            "k3s",
+            id.k3s_version.clone(),
+            show(cfg.inventory.k3s.as_ref().map(|k| k.version.clone())),
+        );
+    }
+    c
 }
 
 /// Logs in to the inventory's BMC. The password comes from `KILN_BMC_PASSWORD` or a prompt.
@@ -213,10 +305,12 @@ fn password(user: &str, host: &str) -> Result<String> {
 }
 
 /// The upload stream: stops with an error when kiln gives up or the user presses Ctrl-C, so
-/// the HTTP request is torn down instead of finishing a flash nobody waits for.
+/// the HTTP request is torn down instead of finishing a flash nobody waits for. Counts what
+/// it has handed out, for the progress line.
 struct Abortable {
     inner: File,
     abort: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
 }
 
 impl Read for Abortable {
@@ -224,7 +318,9 @@ impl Read for Abortable {
         if self.abort.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst) {
             return Err(std::io::Error::other("upload cancelled"));
         }
-        self.inner.read(buf)
+        let n = self.inner.read(buf)?;
+        self.sent.fetch_add(n as u64, Ordering::SeqCst);
+        Ok(n)
     }
 }
 
@@ -256,10 +352,79 @@ fn explain(msg: &str) -> String {
     }
 }
 
+/// The slot a bmcd process name is about: `Node 2 os install service` → 2.
+fn slot_in_process(process: &str) -> Option<u8> {
+    let rest = process.strip_prefix("Node")?.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Why kiln will not send a flash request now, if the BMC is busy with a transfer. bmcd runs
+/// one transfer at a time: a new flash request drops the running one, and its cancel endpoint
+/// cancels every transfer, so kiln must leave a running transfer alone.
+pub(crate) fn busy_message(status: &FlashStatus, nodes: &[Node], host: &str) -> Option<String> {
+    let FlashStatus::Transferring {
+        id,
+        process,
+        size,
+        bytes_written,
+        cancelled,
+    } = status
+    else {
+        return None;
+    };
+    let what = match slot_in_process(process) {
+        Some(slot) => {
+            let owner = nodes
+                .iter()
+                .find(|n| n.slot == Some(slot))
+                .map(|n| format!("node `{}`", n.name))
+                .unwrap_or_else(|| "no node of the inventory".to_string());
+            format!("flashing slot {slot} ({owner}; \"{process}\")")
+        }
+        None if process.is_empty() => "running a transfer".to_string(),
+        None => format!("running \"{process}\""),
+    };
+    Some(format!(
+        "the BMC {host} is already {what}, transfer id {id}{}: {} written to the eMMC or read \
+         back so far, from an upload of {} (the BMC's status does not name the file). Another \
+         client (tpi, the web UI, another kiln) started it; a new flash request would make the \
+         BMC drop it, so kiln sent none. Wait until it finishes (`tpi flash` prints Done, or \
+         `GET https://{host}/api/bmc?opt=get&type=flash` no longer says Transferring), then run \
+         kiln again. Only if it is stuck (its byte count no longer grows) cancel it deliberately: \
+         `curl -k -u USER https://{host}/api/bmc/upload/{id}/cancel` (this cancels every transfer \
+         on the BMC)",
+        if *cancelled { ", being cancelled" } else { "" },
+        config::size::human(*bytes_written),
+        config::size::human(*size),
+    ))
+}
+
+/// Cancels transfer `handle` only if the BMC shows it is still the one running: bmcd's cancel
+/// stops whatever transfer is running, which may be someone else's by now.
+fn cancel_own(bmc: &Bmc, node: &Node, handle: u64) {
+    match bmc.flash_status() {
+        Ok(FlashStatus::Transferring { id, .. }) if id == handle => match bmc.cancel(handle) {
+            Ok(()) => eprintln!(
+                "{}: cancelled kiln's transfer {handle} on the BMC",
+                node.name
+            ),
+            Err(e) => eprintln!(
+                "warning: {}: cancelling kiln's transfer {handle} failed: {e:#}",
+                node.name
+            ),
+        },
+        // Not running (ended, failed, already dropped) or someone else's: nothing of ours to stop.
+        _ => {}
+    }
+}
+
 /// Flashes slot `slot` with the compressed image and waits until the BMC reports it done
-/// (written and read back). Never powers the node on.
+/// (written and read back). Never powers the node on. Refuses, without sending any request,
+/// while the BMC runs another transfer.
 pub(crate) fn flash(
     bmc: &Bmc,
+    cfg: &Config,
     node: &Node,
     slot: u8,
     xz: &xz::Compressed,
@@ -272,27 +437,43 @@ pub(crate) fn flash(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| format!("{}.img.xz", node.name));
     let data = File::open(&xz.path).with_context(|| format!("opening {}", xz.path.display()))?;
+    let host = cfg.inventory.bmc.as_ref().map_or("", |b| b.host.as_str());
+    let before = bmc
+        .flash_status()
+        .context("reading the BMC's flash status before requesting a flash")?;
+    if let Some(msg) = busy_message(&before, &cfg.inventory.nodes, host) {
+        bail!(
+            "not flashing {} (slot {slot}): {msg}; {} was left as it was",
+            node.name,
+            node.name
+        );
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("cancelled by Ctrl-C before the flash was requested");
+    }
     println!(
-        "{}: flashing slot {slot} with {} ({}, sha256 {})",
+        "{}: flashing slot {slot} with {} ({}, sha256 {}; {} once decompressed)",
         node.name,
         xz.path.display(),
         config::size::human(xz.length),
-        xz.sha256
+        xz.sha256,
+        config::size::human(xz.image_len)
     );
     let handle = bmc.request_flash(slot, &file_name, xz.length, &xz.sha256)?;
     let abort = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
     let reader = Abortable {
         inner: data,
         abort: abort.clone(),
+        sent: sent.clone(),
     };
     let uploader = bmc.clone();
     let length = xz.length;
     let upload = std::thread::spawn(move || uploader.upload(handle, reader, length));
-    let res = poll(bmc, handle, upload, node, args);
+    let res = poll(bmc, handle, upload, node, xz, &sent, args);
     if res.is_err() {
         abort.store(true, Ordering::SeqCst);
-        // Best effort: the BMC may already have dropped the transfer.
-        let _ = bmc.cancel(handle);
+        cancel_own(bmc, node, handle);
     }
     res.map_err(|e| {
         anyhow!(
@@ -302,20 +483,33 @@ pub(crate) fn flash(
     })
 }
 
+/// The error for a transfer of ours that the BMC replaced with another client's.
+fn dropped(handle: u64, id: u64, process: &str) -> anyhow::Error {
+    anyhow!(
+        "another client requested a flash while kiln's was running (now transfer id {id}, \
+         \"{process}\"); the BMC runs one transfer at a time and dropped kiln's ({handle}). \
+         kiln leaves the new transfer alone; flash again when it has finished"
+    )
+}
+
 fn poll(
     bmc: &Bmc,
     handle: u64,
     upload: std::thread::JoinHandle<Result<()>>,
     node: &Node,
+    xz: &xz::Compressed,
+    sent: &AtomicU64,
     args: &BmcArgs,
 ) -> Result<()> {
     let stall = Duration::from_secs(args.stall_timeout);
-    let pb = crate::progress::bytes(0, format!("{}: flashing", node.name));
+    let pb = crate::progress::spinner(format!("{}: flash requested", node.name));
+    let finish = |pb: &indicatif::ProgressBar| pb.finish_and_clear();
     let mut upload = Some(upload);
     let mut uploaded = false;
-    let mut last = 0u64;
+    let mut progress = phase::Progress::START;
+    let mut shown = None;
+    let mut last = (progress, 0u64);
     let mut moved = Instant::now();
-    let finish = |pb: &indicatif::ProgressBar| pb.finish_and_clear();
     loop {
         if INTERRUPTED.load(Ordering::SeqCst) {
             finish(&pb);
@@ -331,6 +525,10 @@ fn poll(
                     // The BMC's own status often names the cause (e.g. "Send timeout").
                     let status = match bmc.flash_status() {
                         Ok(FlashStatus::Error(m)) => format!("; BMC status: {}", explain(&m)),
+                        Ok(FlashStatus::Transferring { id, process, .. }) if id != handle => {
+                            return Err(dropped(handle, id, &process)
+                                .context(format!("the upload failed: {e:#}")));
+                        }
                         _ => String::new(),
                     };
                     return Err(anyhow!("{}{status}", explain(&format!("{e:#}"))));
@@ -341,29 +539,32 @@ fn poll(
                 }
             }
         }
+        let sent_now = sent.load(Ordering::SeqCst);
         match bmc.flash_status()? {
-            FlashStatus::Transferring { id, .. } if id != handle => {
+            FlashStatus::Transferring { id, process, .. } if id != handle => {
                 finish(&pb);
-                bail!("the BMC is running another transfer (id {id}, ours is {handle})");
+                return Err(dropped(handle, id, &process));
             }
-            FlashStatus::Transferring {
-                size,
-                bytes_written,
-                ..
-            } => {
-                pb.set_length(size);
-                pb.set_position(bytes_written.min(size));
-                if bytes_written >= size {
-                    pb.set_message(format!("{}: verifying", node.name));
+            FlashStatus::Transferring { bytes_written, .. } => {
+                progress = progress.next(bytes_written, uploaded);
+                let line = progress.describe(sent_now, xz.length, xz.image_len);
+                if shown != Some(progress.phase) {
+                    shown = Some(progress.phase);
+                    pb.suspend(|| println!("{}: {line}", node.name));
                 }
-                if bytes_written != last {
-                    last = bytes_written;
+                pb.set_message(format!("{}: {line}", node.name));
+                if (progress, sent_now) != last {
+                    last = (progress, sent_now);
                     moved = Instant::now();
                 }
             }
             FlashStatus::Done { .. } if uploaded || upload.is_none() => {
                 finish(&pb);
-                println!("{}: flashed and verified by the BMC", node.name);
+                println!(
+                    "{}: flashed and verified by the BMC: {} written to the eMMC and read back (CRC checked)",
+                    node.name,
+                    config::size::human(xz.image_len)
+                );
                 return Ok(());
             }
             FlashStatus::Done { .. } | FlashStatus::Ready => {}
@@ -391,10 +592,50 @@ fn poll(
         if moved.elapsed() > stall {
             finish(&pb);
             bail!(
-                "the BMC reported no progress for {} s (stuck at {last} bytes); expected bytes_written to grow",
-                stall.as_secs()
+                "the BMC reported no progress for {} s (stuck {}); expected bytes_written to grow",
+                stall.as_secs(),
+                progress.describe(sent_now, xz.length, xz.image_len)
             );
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transferring(process: &str) -> FlashStatus {
+        FlashStatus::Transferring {
+            id: 9,
+            process: process.into(),
+            size: 50_000_000,
+            bytes_written: 1_300_000_000,
+            cancelled: false,
+        }
+    }
+
+    #[test]
+    fn a_running_transfer_is_described_and_nothing_else_is_busy() {
+        let m = busy_message(&transferring("Node 4 os install service"), &[], "bmc").unwrap();
+        assert!(
+            m.contains("flashing slot 4 (no node of the inventory"),
+            "{m}"
+        );
+        assert!(m.contains("transfer id 9"), "{m}");
+        assert!(m.contains(&config::size::human(1_300_000_000)), "{m}");
+        assert!(m.contains("https://bmc/api/bmc/upload/9/cancel"), "{m}");
+        let m = busy_message(&transferring("firmware upgrade service"), &[], "bmc").unwrap();
+        assert!(m.contains("running \"firmware upgrade service\""), "{m}");
+        for idle in [
+            FlashStatus::Ready,
+            FlashStatus::Done { size: 1 },
+            FlashStatus::Error("cancelled by user".into()),
+        ] {
+            assert_eq!(busy_message(&idle, &[], "bmc"), None);
+        }
+        assert_eq!(slot_in_process("Node 2 os install service"), Some(2));
+        assert_eq!(slot_in_process("Node2 os install service"), Some(2));
+        assert_eq!(slot_in_process("os install service"), None);
     }
 }

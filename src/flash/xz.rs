@@ -9,11 +9,16 @@ pub struct Compressed {
     pub path: PathBuf,
     pub length: u64,
     pub sha256: String,
+    /// Length of the raw image: what the BMC writes to the eMMC after decompressing.
+    pub image_len: u64,
 }
 
 /// Returns `<img>.xz`, compressing `img` first when the `.xz` is missing or older than it.
 pub fn ensure(img: &Path) -> Result<Compressed> {
     let xz = crate::publish::with_extension(img, "xz");
+    let image_len = std::fs::metadata(img)
+        .with_context(|| format!("reading {}", img.display()))?
+        .len();
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let fresh = matches!((mtime(&xz), mtime(img)), (Some(x), Some(i)) if x >= i);
     let (length, sha256) = if fresh {
@@ -27,6 +32,7 @@ pub fn ensure(img: &Path) -> Result<Compressed> {
         path: xz,
         length,
         sha256,
+        image_len,
     })
 }
 

@@ -19,10 +19,13 @@ use std::time::{Duration, Instant};
 pub enum Step {
     /// Build `<out>/<node>.img` for rejoining its cluster.
     Build,
-    /// Servers: delete the Node object so k3s removes its etcd member; wait until it is gone.
-    DeleteNode,
-    /// Power the slot off through the BMC.
+    /// Check the Node in the cluster, then power the slot off through the BMC. Before the
+    /// delete: a server still running when its etcd member is removed wipes itself on its next
+    /// start and rejoins under the same name.
     PowerOff,
+    /// Servers: delete the Node object so k3s removes its etcd member; wait until it is gone.
+    /// Refused while the slot is powered on.
+    DeleteNode,
     /// Flash the image through the BMC.
     Flash,
     /// Power the slot on.
@@ -45,9 +48,10 @@ impl Step {
     long_about = "Replace a failed node: rebuild, flash and rejoin it.\n\n\
 Steps (resume any of them with --from-step):\n  \
 build       build OUT/<node>.img to rejoin (first boot joins a live peer, never initialises)\n  \
-delete-node servers only: delete the Node through the Kubernetes API so k3s removes its etcd \
-member, and wait until it is gone (agents skip this)\n  \
-power-off   power the slot off through the BMC\n  \
+power-off   check the Node (its InternalIP must match; a server needs another Ready etcd \
+server), then power the slot off through the BMC\n  \
+delete-node servers only: with the slot confirmed off, delete the Node through the Kubernetes \
+API so k3s removes its etcd member, and wait until it is gone (agents skip this)\n  \
 flash       flash the image through the BMC (as `kiln flash`)\n  \
 power-on    power the slot on\n  \
 wait-ready  wait until the Node is Ready again\n\n\
@@ -94,7 +98,7 @@ pub fn run(inventory: &Path, boards: &Path, cache: Cache, args: &ReimageArgs) ->
     let artifacts = crate::cli::parse_artifacts(&args.artifacts)?;
     let cfg = config::load(inventory, boards, building)?;
     let node = flash::lookup(&cfg, &args.node)?;
-    let slot = flash::slot_of(node)?;
+    let slot = flash::slot_of(&cfg, node)?;
     let mut r = Run {
         cfg: &cfg,
         node,
@@ -114,8 +118,8 @@ pub fn run(inventory: &Path, boards: &Path, cache: Cache, args: &ReimageArgs) ->
         let started = Instant::now();
         let res = match step {
             Step::Build => r.build(&artifacts),
-            Step::DeleteNode => r.delete_node(),
             Step::PowerOff => r.power_off(),
+            Step::DeleteNode => r.delete_node(),
             Step::Flash => r.flash(),
             Step::PowerOn => r.bmc().and_then(|b| b.power(slot, true)),
             Step::WaitReady => r.wait_ready(),
@@ -194,12 +198,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn delete_node(&mut self) -> Result<()> {
+    /// Reads the Node, if the cluster has one of this name, and checks it is this machine (its
+    /// InternalIP is the inventory's address). Remembers its boot ID: Ready with the same boot
+    /// ID later is still the old boot.
+    fn existing_node(&mut self) -> Result<Option<serde_json::Value>> {
         let name = self.node.name.clone();
         let ip = self.node.ip.to_string();
-        let role = self.node.role;
-        let force = self.args.force;
-        let timeout = Duration::from_secs(self.args.timeout);
+        let cluster = self.node.cluster.clone();
         let k = self.kube()?;
         let existing = k.node(&name)?;
         if let Some(n) = &existing {
@@ -208,22 +213,22 @@ impl Run<'_> {
                 && found != ip
             {
                 bail!(
-                    "Node {name} in this cluster has InternalIP {found}; expected {ip} from the inventory — is the kubeconfig for cluster `{}`?",
-                    self.node.cluster
+                    "Node {name} in this cluster has InternalIP {found}; expected {ip} from the inventory — is the kubeconfig for cluster `{cluster}`?"
                 );
             }
-            self.old_boot = kube::boot_id(n);
+            if self.old_boot.is_none() {
+                self.old_boot = kube::boot_id(n);
+            }
         }
-        if role == Role::Agent {
-            println!("      skipped: agents have no etcd member");
-            return Ok(());
-        }
-        let Some(_) = existing else {
-            println!("      Node {name} is already gone");
-            return Ok(());
-        };
-        let k = self.kube()?;
-        let peers = k
+        Ok(existing)
+    }
+
+    /// A server's etcd member may go only if another Ready etcd server remains to rejoin.
+    fn check_peers(&mut self) -> Result<()> {
+        let name = self.node.name.clone();
+        let force = self.args.force;
+        let peers = self
+            .kube()?
             .nodes()?
             .into_iter()
             .filter(|n| kube::name(n) != name && kube::is_etcd(n) && kube::is_ready(n))
@@ -233,6 +238,48 @@ impl Run<'_> {
                 "no other Ready etcd server in the cluster; removing {name} would leave no cluster to rejoin (pass --force if the cluster is being rebuilt)"
             );
         }
+        Ok(())
+    }
+
+    /// Checks the Kubernetes side first, so a wrong kubeconfig or a last etcd server stops the
+    /// run before anything is switched off; then powers the slot off and confirms it.
+    fn power_off(&mut self) -> Result<()> {
+        let existing = self.existing_node()?;
+        if self.node.role == Role::Server && existing.is_some() {
+            self.check_peers()?;
+        }
+        let slot = self.slot;
+        let b = self.bmc()?;
+        b.power(slot, false)?;
+        if b.power_state(slot)? {
+            bail!("slot {slot} still reports power on after power off");
+        }
+        Ok(())
+    }
+
+    fn delete_node(&mut self) -> Result<()> {
+        let name = self.node.name.clone();
+        let timeout = Duration::from_secs(self.args.timeout);
+        let existing = self.existing_node()?;
+        if self.node.role == Role::Agent {
+            println!("      skipped: agents have no etcd member");
+            return Ok(());
+        }
+        let Some(_) = existing else {
+            println!("      Node {name} is already gone");
+            return Ok(());
+        };
+        self.check_peers()?;
+        // A server that still runs (or starts again) after its etcd member is removed finds
+        // itself removed, wipes its etcd data and rejoins under the same name, racing the new
+        // image: the slot must be off, whichever step this run started from.
+        let slot = self.slot;
+        if self.bmc()?.power_state(slot)? {
+            bail!(
+                "slot {slot} ({name}) is powered on; expected it off before the Node and its etcd member are deleted (a server still running when its member is removed wipes itself and rejoins under the same name): run `kiln reimage {name} --from-step power-off`"
+            );
+        }
+        let k = self.kube()?;
         k.delete_node(&name)?;
         // k3s's etcd member controller holds the Node (finalizer) until it has removed the
         // member, so the Node vanishing means the member is gone.
@@ -255,23 +302,6 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn power_off(&mut self) -> Result<()> {
-        let node = self.node;
-        if self.old_boot.is_none()
-            && let Ok(k) = self.kube()
-            && let Ok(Some(n)) = k.node(&node.name)
-        {
-            self.old_boot = kube::boot_id(&n);
-        }
-        let slot = self.slot;
-        let b = self.bmc()?;
-        b.power(slot, false)?;
-        if b.power_state(slot)? {
-            bail!("slot {slot} still reports power on after power off");
-        }
-        Ok(())
-    }
-
     fn flash(&mut self) -> Result<()> {
         let image = self.image();
         flash::check_image(self.cfg, self.node, &image, self.args.force)
@@ -289,9 +319,9 @@ impl Run<'_> {
             );
         }
         let xz = flash::xz::ensure(&image)?;
-        let (node, slot, bmc_args) = (self.node, self.slot, self.args.bmc.clone());
+        let (cfg, node, slot, bmc_args) = (self.cfg, self.node, self.slot, self.args.bmc.clone());
         let b = self.bmc()?;
-        flash::flash(b, node, slot, &xz, &bmc_args)
+        flash::flash(b, cfg, node, slot, &xz, &bmc_args)
     }
 
     fn wait_ready(&mut self) -> Result<()> {

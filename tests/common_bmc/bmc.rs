@@ -4,16 +4,29 @@
 //! cancel, power. It records every request so tests can compare clients, and it can misbehave
 //! on purpose (send timeout, lost bytes, flash error, a hung flash). It never writes anywhere:
 //! an uploaded `.xz` is decompressed in memory only to hash what would reach the eMMC.
+//!
+//! Like bmcd (`streaming_data_service.rs`, `upgrade_worker.rs`) it runs one transfer at a time
+//! and takes time doing it (`State::pace` per step):
+//! - a new flash request replaces a running transfer: the old one is dropped, its upload fails
+//!   with "transfer canceled", and the status shows the new transfer's id;
+//! - `GET /upload/<any handle>/cancel` cancels whatever runs: `{"Error":"cancelled by user"}`;
+//! - `bytes_written` counts decompressed bytes written to the eMMC (against `size`, the
+//!   compressed upload length), grows while the upload streams in, and starts again from 0
+//!   for the CRC read-back; the upload is answered shortly before the write pass ends.
 
 use super::http::{self, Cert, Request, Response, first_part};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub const USER: &str = "root";
 pub const PASSWORD: &str = "turing-test-pw";
 const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+/// Steps of the write pass (the last one after the upload is answered) and of the read-back.
+const WRITE_STEPS: u64 = 4;
+const VERIFY_STEPS: u64 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
@@ -39,6 +52,11 @@ pub struct Upload {
     /// sha256 of the decompressed stream (what the eMMC would get), for `.xz` files.
     pub written_sha256: Option<String>,
     pub chunked: bool,
+    /// The transfer (handle) it belongs to.
+    pub handle: u64,
+    /// How the upload request was answered: `None` while the write pass runs, then `Ok` or
+    /// the error it got (e.g. "transfer canceled" when a new request dropped its transfer).
+    pub answer: Option<Result<(), String>>,
 }
 
 #[derive(Default)]
@@ -51,8 +69,56 @@ pub struct State {
     length: u64,
     file: String,
     sha256: Option<String>,
-    done_after_polls: Option<u32>,
+    process: String,
+    /// Bumped by every flash request and cancel: a transfer runs while it is unchanged.
+    /// (Handles are 4242 + node, so the same slot gets the same handle again.)
+    generation: u64,
+    /// Time per simulated write or read-back step.
+    pub pace: Duration,
+    /// Every status answered to `opt=get&type=flash`, in order.
+    pub statuses: Vec<serde_json::Value>,
+    /// Transfers a new flash request dropped while they ran.
+    pub dropped: Vec<u64>,
     pub bad_usb_modes: Vec<String>,
+}
+
+impl State {
+    /// The running transfer's id and bytes_written, if one runs.
+    pub fn transferring(&self) -> Option<(u64, u64)> {
+        let t = self.status.get("Transferring")?;
+        Some((t["id"].as_u64()?, t["bytes_written"].as_u64()?))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.status.clone()
+    }
+
+    /// Puts a transfer in progress as another client would have started it (bmcd's form).
+    pub fn inject_transfer(&mut self, node: u8, id: u64, size: u64, bytes_written: u64) {
+        self.handle = Some(id);
+        self.length = size;
+        self.process = process_name(node);
+        self.set_written(bytes_written);
+    }
+
+    fn set_written(&mut self, bytes_written: u64) {
+        self.status = json!({"Transferring": {"id": self.handle.unwrap_or(0),
+            "process_name": self.process, "size": self.length, "cancelled": false,
+            "bytes_written": bytes_written}});
+    }
+
+    /// Whether the transfer `id` of `generation` still runs (not replaced, cancelled or
+    /// failed).
+    fn running(&self, id: u64, generation: u64) -> bool {
+        self.generation == generation
+            && self.handle == Some(id)
+            && self.transferring().is_some_and(|(t, _)| t == id)
+    }
+}
+
+/// bmcd's `format!("{node} os install service")`, where a NodeId displays as `Node 2`.
+fn process_name(node: u8) -> String {
+    format!("Node {} os install service", node + 1)
 }
 
 pub struct FakeBmc {
@@ -77,6 +143,7 @@ impl FakeBmc {
         let cert = http::leaf(None);
         let state = Arc::new(Mutex::new(State {
             status: json!("Ready"),
+            pace: Duration::from_millis(40),
             ..Default::default()
         }));
         let st = state.clone();
@@ -108,7 +175,7 @@ impl FakeBmc {
     }
 }
 
-fn handle(st: &Mutex<State>, mode: Mode, req: Request) -> Response {
+fn handle(st: &Arc<Mutex<State>>, mode: Mode, req: Request) -> Response {
     let mut s = st.lock().unwrap();
     s.requests.push(req.clone());
     if req.method == "POST" && req.path == "/api/bmc/authenticate" {
@@ -125,22 +192,20 @@ fn handle(st: &Mutex<State>, mode: Mode, req: Request) -> Response {
         return Response::text(401, "Unauthorized");
     }
     if let Some(rest) = req.path.strip_prefix("/api/bmc/upload/") {
-        if let Some(h) = rest.strip_suffix("/cancel") {
-            if s.handle.map(|x| x.to_string()).as_deref() == Some(h) {
-                s.status = json!({"Error": "cancelled"});
-                s.handle = None;
-            }
+        if rest.ends_with("/cancel") {
+            // bmcd's cancel_all(): the handle in the path is not even looked at.
+            s.status = json!({"Error": "cancelled by user"});
+            s.handle = None;
+            s.generation += 1;
             return Response::text(200, "");
         }
-        return upload(&mut s, mode, rest, &req);
+        drop(s);
+        return upload(st, mode, rest, &req);
     }
     let opt = req.param("opt").unwrap_or("");
     let ty = req.param("type").unwrap_or("");
     match (opt, ty) {
         ("set", "flash") => {
-            if s.status.get("Transferring").is_some() {
-                return legacy(503, "another flashing operation in progress");
-            }
             let Some(node) = req
                 .param("node")
                 .and_then(|n| n.parse::<u8>().ok())
@@ -159,32 +224,30 @@ fn handle(st: &Mutex<State>, mode: Mode, req: Request) -> Response {
             {
                 return legacy(400, "`sha256` parameter contains invalid hex values");
             }
+            // bmcd's request_transfer(): the running transfer's context is dropped, which
+            // cancels it; no error is recorded for it, the status simply becomes the new one.
+            if let Some((old, _)) = s.transferring() {
+                s.dropped.push(old);
+            }
             let handle = 4242 + u64::from(node);
+            s.generation += 1;
             s.handle = Some(handle);
             s.length = length;
             s.file = file.to_string();
             s.sha256 = req.param("sha256").map(str::to_string);
-            s.done_after_polls = None;
-            s.status = if mode == Mode::SendTimeout {
-                json!({"Error": "Send timeout"})
+            s.process = process_name(node);
+            if mode == Mode::SendTimeout {
+                s.status = json!({"Error": "Send timeout"});
             } else {
-                json!({"Transferring": {"id": handle, "process_name": format!("Node{} os install service", node + 1),
-                       "size": length, "cancelled": false, "bytes_written": 0}})
-            };
+                s.set_written(0);
+            }
             // bmcd answers with a JSON string body.
             Response::text(200, &json!({"handle": handle}).to_string())
         }
         ("get", "flash") => {
-            if let Some(n) = s.done_after_polls {
-                if n == 0 {
-                    let len = s.length;
-                    s.status = json!({"Done": [{"secs": 1, "nanos": 0}, len]});
-                    s.done_after_polls = None;
-                } else {
-                    s.done_after_polls = Some(n - 1);
-                }
-            }
-            Response::text(200, &s.status.to_string())
+            let status = s.status.clone();
+            s.statuses.push(status.clone());
+            Response::text(200, &status.to_string())
         }
         ("set", "power") => {
             for i in 0..4 {
@@ -222,27 +285,33 @@ fn handle(st: &Mutex<State>, mode: Mode, req: Request) -> Response {
     }
 }
 
-fn upload(s: &mut State, mode: Mode, handle: &str, req: &Request) -> Response {
-    if s.handle.map(|h| h.to_string()).as_deref() != Some(handle) || mode == Mode::SendTimeout {
+fn upload(st: &Arc<Mutex<State>>, mode: Mode, handle: &str, req: &Request) -> Response {
+    let mut s = st.lock().unwrap();
+    let generation = s.generation;
+    let Some(id) = s.handle.filter(|h| h.to_string() == handle) else {
+        return if s.transferring().is_some() {
+            legacy(400, "unauthorized request for handle")
+        } else {
+            legacy(400, "cannot execute command in current state")
+        };
+    };
+    if mode == Mode::SendTimeout {
         return legacy(400, "cannot execute command in current state");
     }
     let Some((field, mut data)) = first_part(req) else {
         return legacy(400, "Multipart form invalid");
     };
-    let written_sha256 = if s.file.ends_with(".xz") {
+    // What the eMMC would get: the decompressed stream for `.xz`, else the bytes as sent.
+    let written = if s.file.ends_with(".xz") {
         let mut d = liblzma::read::XzDecoder::new_multi_decoder(&data[..]);
-        let mut h = Sha256::new();
         let mut out = Vec::new();
         use std::io::Read;
-        if d.read_to_end(&mut out).is_ok() {
-            h.update(&out);
-            Some(h.finalize().iter().map(|x| format!("{x:02x}")).collect())
-        } else {
-            None
-        }
+        d.read_to_end(&mut out).ok().map(|_| out)
     } else {
         None
     };
+    let written_sha256 = written.as_deref().map(sha_hex);
+    let raw_len = written.as_ref().map_or(data.len(), Vec::len) as u64;
     s.uploads.push(Upload {
         path: req.path.clone(),
         field,
@@ -251,7 +320,11 @@ fn upload(s: &mut State, mode: Mode, handle: &str, req: &Request) -> Response {
         part_sha256: sha_hex(&data),
         written_sha256,
         chunked: req.chunked,
+        handle: id,
+        answer: None,
     });
+    let idx = s.uploads.len() - 1;
+    let answer = |s: &mut State, r: Result<(), String>| s.uploads[idx].answer = Some(r);
     if let Mode::LoseBytes(n) = mode {
         data.truncate(data.len().saturating_sub(n));
     }
@@ -259,24 +332,69 @@ fn upload(s: &mut State, mode: Mode, handle: &str, req: &Request) -> Response {
         let missing = s.length.saturating_sub(data.len() as u64);
         s.status = json!({"Error": "transfer canceled"});
         s.handle = None;
-        return legacy(400, &format!("missing {missing} B bytes"));
+        let msg = format!("missing {missing} B bytes");
+        answer(&mut s, Err(msg.clone()));
+        return legacy(400, &msg);
     }
     if let Some(expected) = &s.sha256
         && *expected != sha_hex(&data)
     {
         s.status = json!({"Error": "sha256 checksum mismatch of uploaded image"});
+        answer(&mut s, Err("sha256 checksum mismatch".into()));
         return legacy(500, "sha256 checksum mismatch of uploaded image");
     }
-    let len = s.length;
-    let id = s.handle.unwrap_or(0);
     match mode {
-        Mode::FlashError => s.status = json!({"Error": "Compute module not supported"}),
-        Mode::Hang => {}
-        _ => {
-            s.status = json!({"Transferring": {"id": id, "process_name": "os install service", "size": len,
-                              "cancelled": false, "bytes_written": len}});
-            s.done_after_polls = Some(1);
+        Mode::FlashError => {
+            s.status = json!({"Error": "Compute module not supported"});
+            answer(&mut s, Ok(()));
+            return Response::text(200, "");
         }
+        Mode::Hang => {
+            answer(&mut s, Ok(()));
+            return Response::text(200, "");
+        }
+        _ => {}
     }
+    // The write pass, while the upload streams in: bmcd writes chunks as they arrive and
+    // answers the upload once the last one is in its buffer, a step before the write ends.
+    let pace = s.pace;
+    drop(s);
+    for step in 1..WRITE_STEPS {
+        std::thread::sleep(pace);
+        let mut s = st.lock().unwrap();
+        if !s.running(id, generation) {
+            // Dropped by a new request or cancelled: the upload fails as bmcd's does.
+            let msg = s
+                .status
+                .get("Error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("transfer canceled")
+                .to_string();
+            answer(&mut s, Err(msg.clone()));
+            return legacy(500, &msg);
+        }
+        s.set_written(raw_len * step / WRITE_STEPS);
+    }
+    answer(&mut st.lock().unwrap(), Ok(()));
+    let st = st.clone();
+    std::thread::spawn(move || {
+        // The end of the write pass, then the CRC read-back counting from 0 again, then Done.
+        let steps = std::iter::once(raw_len)
+            .chain((1..=VERIFY_STEPS).map(|step| raw_len * step / VERIFY_STEPS));
+        for bytes in steps {
+            std::thread::sleep(pace);
+            let mut s = st.lock().unwrap();
+            if !s.running(id, generation) {
+                return;
+            }
+            s.set_written(bytes);
+        }
+        std::thread::sleep(pace);
+        let mut s = st.lock().unwrap();
+        if s.running(id, generation) {
+            let len = s.length;
+            s.status = json!({"Done": [{"secs": 1, "nanos": 0}, len]});
+        }
+    });
     Response::text(200, "")
 }

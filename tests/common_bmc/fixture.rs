@@ -15,6 +15,11 @@ description = "test board: small GPT layout with slots"
 arch = "arm64"
 slots = 4
 boot = "extlinux"
+default_target = "emmc"
+
+[target.emmc]
+description = "test eMMC, written through the BMC"
+bmc_flash = true
 
 [partition_table]
 kind = "gpt"
@@ -152,6 +157,11 @@ impl Workspace {
     }
 
     pub fn kiln_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.kiln_command(args, env).output().unwrap()
+    }
+
+    /// The `kiln` command `kiln_env` runs, for tests that start it in the background.
+    pub fn kiln_command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
         c.current_dir(&self.dir)
             .args(args)
@@ -161,7 +171,7 @@ impl Workspace {
         for (k, v) in env {
             c.env(k, v);
         }
-        c.output().unwrap()
+        c
     }
 }
 

@@ -1,7 +1,8 @@
 //! TEST DOUBLE: a fake Kubernetes API server on 127.0.0.1 (CA-signed certificate, bearer
 //! token) holding Node objects, enough for `kiln reimage`: get/list/delete nodes. Deleting a
 //! Node takes two more reads to finish, as k3s's etcd finalizer would. A node whose BMC slot
-//! is powered on again after a flash comes back Ready with a new boot ID.
+//! is powered on again after a flash comes back Ready with a new boot ID. With
+//! [`FakeKube::watch_power`] it records whether a Node's slot was powered at its DELETE.
 
 use super::http::{self, Request, Response};
 use serde_json::{Value, json};
@@ -16,6 +17,11 @@ pub struct KState {
     pub nodes: BTreeMap<String, Value>,
     pub deleting: BTreeMap<String, u32>,
     pub requests: Vec<Request>,
+    /// Node name → its BMC slot (1-based) and the fake BMC's state.
+    pub slots: BTreeMap<String, (usize, Arc<Mutex<super::bmc::State>>)>,
+    /// Per DELETE: the Node's name and whether its slot was powered on then (`None`: not
+    /// watched).
+    pub power_at_delete: Vec<(String, Option<bool>)>,
 }
 
 pub struct FakeKube {
@@ -91,6 +97,11 @@ impl FakeKube {
                 }
                 ("DELETE", Some(p)) => {
                     let name = p.trim_start_matches('/').to_string();
+                    let on = s
+                        .slots
+                        .get(&name)
+                        .map(|(slot, b)| b.lock().unwrap().power[*slot - 1]);
+                    s.power_at_delete.push((name.clone(), on));
                     if s.nodes.contains_key(&name) {
                         s.deleting.insert(name, 2);
                         Response::json(200, json!({"kind":"Status","status":"Success"}))
@@ -115,6 +126,15 @@ impl FakeKube {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: default\n  cluster:\n    server: https://{}\n    certificate-authority-data: {ca}\ncontexts:\n- name: default\n  context:\n    cluster: default\n    user: default\ncurrent-context: default\nusers:\n- name: default\n  user:\n    token: {TOKEN}\n",
             self.addr
         )
+    }
+
+    /// Records the power state of `name`'s slot (1-based) at every DELETE of that Node.
+    pub fn watch_power(&self, name: &str, slot: usize, bmc: Arc<Mutex<super::bmc::State>>) {
+        self.state
+            .lock()
+            .unwrap()
+            .slots
+            .insert(name.to_string(), (slot, bmc));
     }
 
     pub fn deletes(&self) -> Vec<String> {
