@@ -279,3 +279,191 @@ fn loop_devices_are_written_and_mounted_or_attached_ones_refused() {
         "the mounted filesystem is untouched"
     );
 }
+
+/// Whether the first MiB of `p` is all zeros: no partition table, no loader, nothing boots.
+fn head_is_zero(p: &Path) -> bool {
+    let mut buf = vec![0u8; MIB as usize];
+    File::open(p).unwrap().read_exact_at(&mut buf, 0).unwrap();
+    buf.iter().all(|b| *b == 0)
+}
+
+/// A target file that holds another bootable image (`old`, n2's), with room to spare.
+fn previous_disk(ws: &Workspace, old: &Path, len: u64) -> std::path::PathBuf {
+    let target = ws.path("disk.raw");
+    std::fs::copy(old, &target).unwrap();
+    let f = File::options().write(true).open(&target).unwrap();
+    f.set_len(f.metadata().unwrap().len().max(len) + 8 * MIB)
+        .unwrap();
+    assert!(
+        !head_is_zero(&target),
+        "the previous disk has a partition table"
+    );
+    target
+}
+
+#[test]
+fn without_yes_and_without_a_terminal_nothing_is_touched() {
+    let ws = Workspace::new("write-notty", None, None, 25);
+    let img = image(&ws);
+    // A new, empty file would otherwise be sized to the image before anything else.
+    let empty = ws.path("empty.img");
+    File::create(&empty).unwrap();
+    let out = ws
+        .kiln_command(
+            &["write", img.to_str().unwrap(), empty.to_str().unwrap()],
+            &[],
+        )
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("pass --yes"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stdin is not a terminal"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::metadata(&empty).unwrap().len(),
+        0,
+        "target touched"
+    );
+}
+
+/// Starts `kiln write ... --yes` paused at `stage` (test hook, debug builds: `write-data` after
+/// the first data was written, `write-head` once the image's first MiB is written) and returns
+/// it once it reports the pause, with a thread collecting the rest of its stderr.
+fn paused_write(
+    ws: &Workspace,
+    img: &Path,
+    target: &Path,
+    stage: &str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::BufRead;
+    let mut child = ws
+        .kiln_command(
+            &[
+                "write",
+                img.to_str().unwrap(),
+                target.to_str().unwrap(),
+                "--yes",
+            ],
+            &[("KILN_TEST_PAUSE_AT", stage)],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let l = lines
+            .next()
+            .unwrap_or_else(|| panic!("kiln write ended before pausing:\n{}", seen.join("\n")))
+            .unwrap();
+        if l.starts_with(&format!("kiln: test hook: paused at {stage}")) {
+            break;
+        }
+        seen.push(l);
+    }
+    // Keep draining stderr so kiln never blocks on it.
+    let rest =
+        std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+    (child, rest)
+}
+
+#[test]
+fn an_interrupted_write_leaves_the_first_mib_zeroed() {
+    use std::os::unix::process::ExitStatusExt;
+    let ws = Workspace::new("write-interrupt", None, None, 26);
+    let img = image(&ws);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let old = ws.build("n2");
+    // Terminated just after the image's first MiB was written but before it was synced and
+    // verified (kiln finishes that write, then zeroes it again), and killed or terminated while
+    // the data is written (the first MiB was zeroed first).
+    for (stage, sig) in [
+        ("write-head", "TERM"),
+        ("write-data", "KILL"),
+        ("write-data", "TERM"),
+    ] {
+        let target = previous_disk(&ws, &old, len);
+        let (mut child, rest) = paused_write(&ws, &img, &target, stage);
+        let o = Command::new("kill")
+            .args([format!("-{sig}"), child.id().to_string()])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let status = child.wait().unwrap();
+        let log = rest.join().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(if sig == "KILL" { 9 } else { 15 }),
+            "{stage}/SIG{sig}: {status}\n{log}"
+        );
+        assert!(
+            head_is_zero(&target),
+            "{stage}/SIG{sig} left a partition table in the first MiB\n{log}"
+        );
+        // Neither the old disk's table nor the new image's: nothing for a tool to read.
+        assert!(
+            gptman::GPT::read_from(&mut File::open(&target).unwrap(), 512).is_err(),
+            "{stage}/SIG{sig}: a GPT is still readable"
+        );
+        if sig == "TERM" {
+            assert!(
+                log.contains("interrupted: zeroed the first MiB of"),
+                "{stage}: {log}"
+            );
+        }
+    }
+}
+
+/// `kiln write IMAGE TARGET --yes` where writes past `limit` bytes fail (RLIMIT_FSIZE via
+/// util-linux `prlimit`: EFBIG; SIGXFSZ ignored so kiln sees the error instead of dying).
+fn write_with_size_limit(img: &Path, target: &Path, limit: u64) -> std::process::Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; exec prlimit --fsize=\"$0\" \"$@\"")
+        .arg(limit.to_string())
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "write",
+            img.to_str().unwrap(),
+            target.to_str().unwrap(),
+            "--yes",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running sh and prlimit (util-linux)")
+}
+
+#[test]
+fn a_write_error_zeroes_the_first_mib_and_says_so() {
+    let ws = Workspace::new("write-error", None, None, 27);
+    let img = image(&ws);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let old = ws.build("n2");
+    assert!(len > 64 * MIB);
+    // Failing while the data is written (16 MiB in), and failing after the image's first MiB
+    // was written: moving the GPT backup to the end of the larger target hits the limit.
+    for (when, limit) in [("data", 16 * MIB), ("gpt", len + 4 * MIB)] {
+        let target = previous_disk(&ws, &old, len);
+        let out = write_with_size_limit(&img, &target, limit);
+        assert!(!out.status.success(), "{when}: the write did not fail");
+        let err = stderr(&out);
+        assert!(
+            head_is_zero(&target),
+            "{when}: a failed write left a partition table in the first MiB\n{err}"
+        );
+        assert!(
+            err.contains("its first MiB was zeroed so the partly written disk does not boot"),
+            "{when}: {err}"
+        );
+        // gptman reports the second case as a generic I/O error.
+        if when == "data" {
+            assert!(err.contains("File too large"), "{when}: {err}");
+        }
+    }
+}

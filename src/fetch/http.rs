@@ -37,7 +37,9 @@ fn describe(url: &str, e: ureq::Error) -> anyhow::Error {
 }
 
 /// Returns the cached file with `sha256`, downloading `url` first if needed. A partial download
-/// left by an interrupted run is resumed with a Range request.
+/// left by an interrupted run is resumed with a Range request. A cached file is hashed again
+/// on every use: one that no longer matches (a bad disk, a cut copy, an edit) is removed and
+/// downloaded again, never handed on to be built into an image.
 pub fn fetch_verified(
     cache: &Cache,
     url: &str,
@@ -46,7 +48,16 @@ pub fn fetch_verified(
 ) -> Result<PathBuf> {
     let dest = cache.blob(sha256)?;
     if dest.is_file() {
-        return Ok(dest);
+        let got = sha256_file(&dest)?;
+        if got == sha256 {
+            return Ok(dest);
+        }
+        std::fs::remove_file(&dest)
+            .with_context(|| format!("removing the corrupt cache entry {}", dest.display()))?;
+        eprintln!(
+            "warning: cache entry {} is corrupt (sha256 {got}, expected {sha256}); removed it, downloading {url} again",
+            dest.display()
+        );
     }
     let part = cache.dir("partial")?.join(format!("{sha256}.part"));
     download(url, &part, on_progress)?;

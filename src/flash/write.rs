@@ -1,9 +1,11 @@
 //! `kiln write IMAGE DEVICE`: puts a raw image on a local disk (NVMe, SD, USB) or file.
 //!
-//! Order matters for a disk that may be pulled half-way: everything but the first MiB is
-//! written and synced first, then the first MiB (partition table, loader), so an interrupted
-//! write never looks bootable. Then the device is read back and hashed against the image, and
-//! the GPT backup header is moved to the end of a larger disk.
+//! Order matters for a disk that may be pulled half-way (coreos-installer's order): the first
+//! MiB of the target is zeroed and synced first, then everything else is written and synced,
+//! then the image's first MiB (partition table, loader), so an interrupted write never looks
+//! bootable or mountable as a mix of old and new. Then the device is read back and hashed
+//! against the image, and the GPT backup header is moved to the end of a larger disk. Any error
+//! after the first byte was written, and Ctrl-C or SIGTERM, zero the first MiB again.
 
 use crate::config::size::{MIB, human};
 use crate::image::sparse::data_ranges;
@@ -24,11 +26,13 @@ const SECTOR: u64 = 512;
 #[command(
     long_about = "Write a raw image to a disk (NVMe, SD card, USB stick) or a file.\n\n\
 Steps: refuse a device that is mounted, in use, holds `/`, or is smaller than the image; ask \
-for confirmation (unless --yes); write everything but the first MiB, sync, then the first MiB, \
-so an interrupted write never boots; read the device back and compare its sha256 with the \
-image's; on a larger disk, move the GPT backup header to the disk's end. With --bmap (or when \
-the target is a new, empty file) only the image's data ranges are copied and the rest is \
-zeroed on the device instead of written."
+for confirmation (unless --yes; with stdin not a terminal, refuse before touching the target); \
+zero the first MiB, write everything after it, sync, then write the first MiB, so an \
+interrupted write never boots; read the device back and compare its sha256 with the image's; \
+on a larger disk, move the GPT backup header to the disk's end. On any error, Ctrl-C or \
+SIGTERM the first MiB is zeroed again. With --bmap (or when the target is a new, empty file) \
+only the image's data ranges are copied and the rest is zeroed on the device instead of \
+written."
 )]
 pub struct WriteArgs {
     /// Raw image (`kiln build` output, `<node>.img`).
@@ -53,9 +57,19 @@ struct Target {
 }
 
 pub fn run_write(args: &WriteArgs) -> Result<ExitCode> {
+    // Nobody can answer the question: refuse before even opening the target.
+    if !args.yes && !std::io::stdin().is_terminal() {
+        bail!(
+            "refusing to overwrite {} without confirmation; pass --yes (stdin is not a terminal)",
+            args.device.display()
+        );
+    }
     let image = File::open(&args.image)
         .with_context(|| format!("opening image {}", args.image.display()))?;
-    let img_len = image.metadata()?.len();
+    let img_len = image
+        .metadata()
+        .with_context(|| format!("reading {}", args.image.display()))?
+        .len();
     if img_len == 0 || img_len % SECTOR != 0 {
         bail!(
             "{} is {img_len} bytes; expected a disk image (a non-empty multiple of 512 bytes)",
@@ -81,10 +95,54 @@ pub fn run_write(args: &WriteArgs) -> Result<ExitCode> {
     } else {
         vec![(0, img_len)]
     };
-    copy(&image, img_len, &target, &ranges, bmap)?;
-    verify(&image, img_len, &target)?;
-    if target.size > img_len {
-        grow_gpt(&target, img_len)?;
+    // Nothing was written so far. From here on, an error, Ctrl-C or SIGTERM leaves the first MiB
+    // zeroed: a half-written disk must not boot, nor mount as a mix of old and new.
+    let head = MIB.min(target.size);
+    let wipe_file = target
+        .file
+        .try_clone()
+        .with_context(|| format!("opening {} again", target.path.display()))?;
+    let wipe_path = target.path.clone();
+    let _on_interrupt = crate::cleanup::on_interrupt(move || match wipe(&wipe_file, head) {
+        Ok(()) => eprintln!(
+            "interrupted: zeroed the first MiB of {} so the partly written disk does not boot; run kiln write again",
+            wipe_path.display()
+        ),
+        Err(e) => eprintln!(
+            "interrupted, and zeroing the first MiB of {} failed too ({e}); do not boot from it",
+            wipe_path.display()
+        ),
+    });
+    let written = (|| {
+        if target.zeroed {
+            target
+                .file
+                .set_len(img_len)
+                .with_context(|| format!("sizing {}", target.path.display()))?;
+        }
+        copy(&image, img_len, &target, &ranges, bmap)?;
+        verify(&image, img_len, &target)?;
+        if target.size > img_len {
+            grow_gpt(&target, img_len)?;
+        }
+        Ok::<(), anyhow::Error>(())
+    })();
+    if let Err(e) = written {
+        // Interrupted: the signal handler zeroes the first MiB and ends the process.
+        crate::cleanup::settle();
+        let what = format!(
+            "writing {} to {} failed",
+            args.image.display(),
+            target.path.display()
+        );
+        return Err(match wipe(&target.file, head) {
+            Ok(()) => e.context(format!(
+                "{what}; its first MiB was zeroed so the partly written disk does not boot (run kiln write again)"
+            )),
+            Err(w) => e.context(format!(
+                "{what}, and zeroing its first MiB failed too ({w:#}); do not boot from it"
+            )),
+        });
     }
     println!(
         "wrote {} to {} ({}{}), verified",
@@ -93,6 +151,13 @@ pub fn run_write(args: &WriteArgs) -> Result<ExitCode> {
         human(img_len),
         if bmap { ", mapped ranges only" } else { "" }
     );
+    // A kiln image names its target's one-time firmware settings (the Pi 5's boot order);
+    // an image from elsewhere has no identity, and that is fine here.
+    if let Ok(id) = crate::image::inspect::identity(&args.image)
+        && let Some(a) = id.firmware_advice()
+    {
+        println!("{a}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -103,8 +168,9 @@ fn open_target(device: &Path, image: &Path, img_len: u64) -> Result<Target> {
             device.display()
         )
     })?;
-    let meta = std::fs::metadata(&path)?;
-    let img_meta = std::fs::metadata(image)?;
+    let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+    let img_meta =
+        std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?;
     if meta.dev() == img_meta.dev() && meta.ino() == img_meta.ino() {
         bail!("{} is the image itself", device.display());
     }
@@ -134,13 +200,9 @@ fn open_target(device: &Path, image: &Path, img_len: u64) -> Result<Target> {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
+        // A new, empty file is sized to the image once the write is confirmed.
         let zeroed = meta.len() == 0;
-        let size = if zeroed {
-            file.set_len(img_len)?;
-            img_len
-        } else {
-            meta.len()
-        };
+        let size = if zeroed { img_len } else { meta.len() };
         Ok(Target {
             path,
             file,
@@ -223,8 +285,32 @@ fn copy_range(
     Ok(())
 }
 
+/// Writes zeros over `[0, len)` and syncs: the target then has no partition table or loader.
+fn wipe(f: &File, len: u64) -> Result<()> {
+    // Never makes a regular file longer than it is.
+    let len = match f.metadata() {
+        Ok(m) if m.is_file() => len.min(m.len()),
+        _ => len,
+    };
+    let buf = vec![0u8; CHUNK];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(CHUNK as u64) as usize;
+        f.write_all_at(&buf[..n], pos)
+            .with_context(|| format!("writing zeros at byte {pos}"))?;
+        pos += n as u64;
+    }
+    f.sync_all().context("syncing")
+}
+
 fn copy(image: &File, img_len: u64, t: &Target, ranges: &[(u64, u64)], bmap: bool) -> Result<()> {
     let head = MIB.min(img_len);
+    // 1. The first MiB goes first, as zeros: until the image's own first MiB is written last,
+    //    the target has neither the old partition table nor the new one.
+    if !t.zeroed {
+        wipe(&t.file, head)
+            .with_context(|| format!("clearing the first MiB of {}", t.path.display()))?;
+    }
     if bmap && !t.zeroed {
         let mut pos = 0;
         for &(off, len) in ranges.iter().chain(std::iter::once(&(img_len, 0))) {
@@ -241,20 +327,31 @@ fn copy(image: &File, img_len: u64, t: &Target, ranges: &[(u64, u64)], bmap: boo
         + head;
     let pb = crate::progress::bytes(total, format!("writing {}", t.path.display()));
     let mut buf = vec![0u8; CHUNK];
+    // 2. Everything after the first MiB.
+    let mut first = true;
     for &(off, len) in ranges {
         let start = off.max(head);
         let end = off + len;
         if end > start {
             copy_range(image, t, start, end - start, &mut buf, &pb)?;
+            if first {
+                first = false;
+                crate::cleanup::checkpoint("write-data")?;
+            }
         }
     }
     t.file
         .sync_all()
         .with_context(|| format!("syncing {}", t.path.display()))?;
-    copy_range(image, t, 0, head, &mut buf, &pb)?;
-    t.file
-        .sync_all()
-        .with_context(|| format!("syncing {}", t.path.display()))?;
+    // 3. The first MiB last; a signal arriving meanwhile waits until it is written, then zeroes
+    //    it again (the write is not verified yet).
+    crate::cleanup::critical(|| {
+        copy_range(image, t, 0, head, &mut buf, &pb)?;
+        crate::cleanup::checkpoint("write-head")?;
+        t.file
+            .sync_all()
+            .with_context(|| format!("syncing {}", t.path.display()))
+    })?;
     pb.finish_and_clear();
     Ok(())
 }

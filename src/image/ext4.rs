@@ -71,13 +71,23 @@ add the bookworm-backports suite, then `apt-get install -t bookworm-backports e2
 
 /// Bytes the root filesystem needs for `blocks` 4 KiB data blocks and `entries` inodes, plus
 /// `headroom` free space.
+///
+/// Saturating: the counts come from an untrusted tarball, and an absurd one must give a size
+/// that layout refuses (past the largest disk), not wrap around to a small one.
 pub fn estimate_size(blocks: u64, entries: u64, headroom: u64) -> (u64, u64) {
-    let inodes = entries + entries / 10 + 2048;
-    let data = blocks * 4096;
-    let meta = inodes * INODE_SIZE + JOURNAL_MIB * MIB;
+    let inodes = entries.saturating_add(entries / 10).saturating_add(2048);
+    let data = blocks.saturating_mul(4096);
+    let meta = inodes
+        .saturating_mul(INODE_SIZE)
+        .saturating_add(JOURNAL_MIB * MIB);
     // Bitmaps, group descriptors, reserved GDT blocks and directory/extent growth: a few percent.
-    let size = (data + meta + headroom) * 104 / 100 + 16 * MIB;
-    (size.div_ceil(MIB) * MIB, inodes)
+    let size = (data
+        .saturating_add(meta)
+        .saturating_add(headroom)
+        .saturating_mul(104)
+        / 100)
+        .saturating_add(16 * MIB);
+    (size.div_ceil(MIB).saturating_mul(MIB), inodes)
 }
 
 pub struct Ext4Params<'a> {
@@ -92,7 +102,11 @@ pub struct Ext4Params<'a> {
 
 /// Runs mke2fs, handing `feed` its stdin to write the tar stream into.
 pub fn make<T>(p: &Ext4Params<'_>, feed: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<T> {
-    let conf = std::env::temp_dir().join(format!("kiln-mke2fs-{}.conf", std::process::id()));
+    // Beside the image (a build's staging directory), one per image: removed with it on any
+    // failure or interrupt, never shared by two nodes built at once, nothing left in /tmp.
+    let mut conf = p.image.as_os_str().to_owned();
+    conf.push(".mke2fs.conf");
+    let conf = std::path::PathBuf::from(conf);
     std::fs::write(&conf, MKE2FS_CONF).with_context(|| format!("writing {}", conf.display()))?;
     let blocks = p.size / 4096;
     let tool = Tool::new("creating the ext4 root filesystem", "mke2fs")
@@ -153,4 +167,17 @@ install libarchive13",
         p.size / MIB,
         p.inodes
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_counts_saturate_past_any_disk() {
+        let (size, inodes) = estimate_size(u64::MAX, u64::MAX, u64::MAX);
+        assert!(size > crate::config::size::MAX_DISK && inodes == u64::MAX);
+        let (size, _) = estimate_size(1000, 100, 256 * MIB);
+        assert!(size > 256 * MIB && size < 512 * MIB);
+    }
 }

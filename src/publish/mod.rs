@@ -2,6 +2,7 @@
 //! copies, a bmap, one SHA256SUMS and a manifest. The raw image is read once for all of them.
 
 pub mod bmap;
+pub mod staging;
 
 use crate::util::AtomicFile;
 use anyhow::{Context, Result};
@@ -332,7 +333,11 @@ pub struct Source {
 pub struct Input {
     pub name: String,
     pub source: String,
+    /// sha256 of the file as given.
     pub sha256: String,
+    /// A boot loader: what kiln took from the file (form, compression, the loader's sha256).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loader: Option<crate::image::loader::LoaderRecord>,
 }
 
 #[derive(Debug, Serialize)]
