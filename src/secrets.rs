@@ -32,8 +32,10 @@ pub fn init(inv: &Inventory) -> Result<Vec<Created>> {
             .mode(0o600)
             .open(p)
             .with_context(|| format!("creating token file {}", p.display()))?;
-        writeln!(f, "{}", crate::util::hex(&raw))?;
-        f.sync_all()?;
+        writeln!(f, "{}", crate::util::hex(&raw))
+            .with_context(|| format!("writing token file {}", p.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing token file {}", p.display()))?;
         out.push(Created::New(p.clone()));
     }
     Ok(out)

@@ -373,3 +373,232 @@ fn bad_board_profiles_are_reported() {
         "{err}"
     );
 }
+
+/// Appends `text` to the workspace's kiln.toml (new tables go at the end).
+fn append(ws: &Workspace, text: &str) {
+    let p = ws.path("kiln.toml");
+    let mut s = std::fs::read_to_string(&p).unwrap();
+    s.push_str(text);
+    std::fs::write(&p, s).unwrap();
+}
+
+#[test]
+fn ntp_servers_cannot_inject_configuration() {
+    let ws = Workspace::new("check-ntp");
+    edit(&ws, "\"pool.ntp.org\"", "\"a\\n[Time]\\nNTP=evil\"");
+    expect_error(
+        &ws,
+        line_of(&ws, "ntp = ", 0),
+        &["network.ntp[1]", "not a host name or address", "expected"],
+    );
+}
+
+#[test]
+fn ssh_keys_are_one_authorized_keys_line_each() {
+    let ws = Workspace::new("check-ssh-newline");
+    edit(
+        &ws,
+        "ssh_authorized_keys = []",
+        "ssh_authorized_keys = [\"ssh-ed25519 AAAAC3Nza a@b\\ncommand=\\\"sh\\\" ssh-rsa AAAAB3 evil\"]",
+    );
+    expect_error(
+        &ws,
+        line_of(&ws, "ssh_authorized_keys", 0),
+        &[
+            "defaults.ssh_authorized_keys[0]",
+            "not one authorized_keys line",
+            "expected",
+        ],
+    );
+
+    let ws = Workspace::new("check-ssh-node");
+    edit(
+        &ws,
+        "role = \"agent\"",
+        "role = \"agent\"\nssh_authorized_keys = [\"ssh-ed25519 AAAAC3Nza ok\", \"hello\"]",
+    );
+    expect_error(
+        &ws,
+        line_of(&ws, "hello", 0),
+        &[
+            "node[4].ssh_authorized_keys[1]",
+            "not one authorized_keys line",
+        ],
+    );
+}
+
+#[test]
+fn cluster_names_are_rfc1123_labels() {
+    let ws = Workspace::new("check-cluster-name");
+    edit(&ws, "name = \"staging\"", "name = \"staging;reboot\"");
+    edit(&ws, "cluster = \"staging\"", "cluster = \"staging;reboot\"");
+    expect_error(
+        &ws,
+        line_of(&ws, "name = \"staging;reboot\"", 0),
+        &["cluster[0].name", "not a valid cluster name", "expected"],
+    );
+}
+
+#[test]
+fn overlays_stay_inside_the_overlays_directory() {
+    for (name, bad, what) in [
+        ("dotdot", "../boards", "not an overlay name"),
+        ("absolute", "/etc", "not an overlay name"),
+        ("missing", "nope", "not found"),
+    ] {
+        let ws = Workspace::new(&format!("check-overlay-{name}"));
+        edit(
+            &ws,
+            "overlays = [\"hardening\"]",
+            &format!("overlays = [\"hardening\", \"{bad}\"]"),
+        );
+        expect_error(
+            &ws,
+            line_of(&ws, "overlays = ", 0),
+            &["defaults.overlays[1]", what, "expected"],
+        );
+    }
+
+    // An overlay directory that is a symlink to /etc resolves outside overlays/.
+    let ws = Workspace::new("check-overlay-symlink");
+    std::os::unix::fs::symlink("/etc", ws.path("overlays/etc-link")).unwrap();
+    edit(
+        &ws,
+        "role = \"agent\"",
+        "role = \"agent\"\noverlays = [\"etc-link\"]",
+    );
+    expect_error(
+        &ws,
+        line_of(&ws, "etc-link", 0),
+        &["node[4].overlays[0]", "resolves to /etc", "outside"],
+    );
+
+    // A symlink *inside* an overlay is an entry of the image, whatever it points at.
+    let ws = Workspace::new("check-overlay-inner-link");
+    std::os::unix::fs::symlink("/etc/passwd", ws.path("overlays/hardening/etc/passwd-link"))
+        .unwrap();
+    assert_ok(
+        &ws.kiln(&["check"]),
+        "check with a symlink inside an overlay",
+    );
+}
+
+#[test]
+fn token_file_that_is_not_a_regular_file() {
+    let ws = Workspace::new("check-token-dir");
+    let t = ws.path("secrets/production.token");
+    std::fs::remove_file(&t).unwrap();
+    std::fs::create_dir(&t).unwrap();
+    std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o700)).unwrap();
+    expect_error(
+        &ws,
+        line_of(&ws, "production.token", 0),
+        &[
+            "cluster[1].token_file",
+            "is a directory",
+            "expected a regular file",
+        ],
+    );
+
+    // A fifo would make the build block reading it.
+    let ws = Workspace::new("check-token-fifo");
+    let t = ws.path("secrets/staging.token");
+    std::fs::remove_file(&t).unwrap();
+    let o = run("mkfifo", &["-m", "600", t.to_str().unwrap()]);
+    assert_ok(&o, "mkfifo");
+    expect_error(
+        &ws,
+        line_of(&ws, "staging.token", 0),
+        &[
+            "cluster[0].token_file",
+            "is a fifo",
+            "expected a regular file",
+        ],
+    );
+}
+
+#[test]
+fn urls_and_bmc_values_cannot_inject() {
+    let ws = Workspace::new("check-mirror");
+    append(
+        &ws,
+        "\n[debian]\nmirror = \"http://deb.example/debian\\nevil\"\n",
+    );
+    expect_error(
+        &ws,
+        line_of(&ws, "mirror = ", 0),
+        &["debian.mirror", "not a URL", "expected"],
+    );
+
+    let ws = Workspace::new("check-release-url");
+    edit(
+        &ws,
+        "version = \"v1.33.5+k3s1\"",
+        "version = \"v1.33.5+k3s1\"\nrelease_url = \"https://example.com/k3s releases\"",
+    );
+    expect_error(
+        &ws,
+        line_of(&ws, "release_url", 0),
+        &["k3s.release_url", "not an http(s) URL"],
+    );
+
+    let ws = Workspace::new("check-bmc");
+    append(
+        &ws,
+        "\n[bmc]\nhost = \"turingpi.lan/evil\"\nuser = \"ro:ot\"\ntls_sha256 = \"abc\"\n",
+    );
+    let o = ws.kiln(&["check"]);
+    let err = stderr(&o);
+    for (field, key) in [
+        ("bmc.host", "host = "),
+        ("bmc.user", "user = "),
+        ("bmc.tls_sha256", "tls_sha256 = "),
+    ] {
+        let prefix = format!("kiln.toml:{}:", line_of(&ws, key, 0));
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&prefix) && l.contains(field) && l.contains("expected")),
+            "no `{prefix}` {field} error in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn type_errors_name_the_field_path() {
+    let ws = Workspace::new("check-type-ip");
+    edit(&ws, "ip = \"192.168.100.13\"", "ip = 13");
+    expect_error(
+        &ws,
+        line_of(&ws, "ip = 13", 0),
+        &["node[3].ip", "invalid type: integer `13`"],
+    );
+
+    let ws = Workspace::new("check-type-slot");
+    edit(&ws, "slot = 4", "slot = 400");
+    expect_error(
+        &ws,
+        line_of(&ws, "slot = 400", 0),
+        &["node[4].slot", "expected u8"],
+    );
+
+    let ws = Workspace::new("check-type-dns");
+    edit(
+        &ws,
+        "dns = [\"192.168.100.1\"]",
+        "dns = [\"192.168.100.1\", \"dns.example\"]",
+    );
+    expect_error(
+        &ws,
+        line_of(&ws, "dns = ", 0),
+        &["network.dns[1]", "invalid"],
+    );
+
+    let ws = Workspace::new("check-missing-field");
+    edit(&ws, "role = \"agent\"\n", "");
+    let o = ws.kiln(&["check"]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("node[4].role") && err.contains("missing field `role`"),
+        "{err}"
+    );
+}

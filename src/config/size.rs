@@ -50,18 +50,50 @@ impl fmt::Display for ByteSize {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Raw {
-    Int(u64),
-    Str(String),
+/// The largest disk, partition, offset or headroom a board profile may give: 16 TiB. Every
+/// size from a user file is checked against it first, so sums of a few of them cannot overflow.
+pub const MAX_DISK: u64 = 16 * 1024 * GIB;
+
+/// A size as written: a byte count or a string with a unit. `extra` is what else the field
+/// accepts (`, or "auto"`), for the message.
+pub(crate) enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+pub(crate) struct RawSizeVisitor(pub &'static str);
+
+impl serde::de::Visitor<'_> for RawSizeVisitor {
+    type Value = RawSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "a size: a number of bytes (32768) or a string such as \"512KiB\" or \"16MiB\"{}",
+            self.0
+        )
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawSize, E> {
+        Ok(RawSize::Bytes(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawSize, E> {
+        u64::try_from(v)
+            .map(RawSize::Bytes)
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSize, E> {
+        Ok(RawSize::Text(v.to_string()))
+    }
 }
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        match d.deserialize_any(RawSizeVisitor(""))? {
+            RawSize::Bytes(n) => Ok(ByteSize(n)),
+            RawSize::Text(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
         }
     }
 }

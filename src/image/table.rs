@@ -29,7 +29,8 @@ fn write_gpt(file: &mut File, layout: &Layout, ids: &DiskIds) -> Result<()> {
             partition_type_guid: type_guid.to_gpt_bytes(),
             unique_partition_guid: ids.partition_guids[p.index].to_gpt_bytes(),
             starting_lba: p.start / 512,
-            ending_lba: p.end() / 512 - 1,
+            // Sizes are validated to be whole sectors, more than 0.
+            ending_lba: (p.end() / 512).saturating_sub(1),
             attribute_bits: if p.bootable {
                 GPT_ATTR_LEGACY_BOOTABLE
             } else {

@@ -2,6 +2,7 @@
 //! pulls out the kernel, initramfs and device trees and measures the tree for sizing.
 
 use crate::config::board::DtbCopy;
+use crate::config::size::{GIB, MIB, human};
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -14,8 +15,11 @@ pub fn open<'a>(path: &Path, on_progress: &'a dyn Fn(u64)) -> Result<Box<dyn Rea
     let mut f =
         File::open(path).with_context(|| format!("opening base tarball {}", path.display()))?;
     let mut magic = [0u8; 4];
-    let n = f.read(&mut magic)?;
-    f.seek(SeekFrom::Start(0))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("reading base tarball {}", path.display()))?;
+    f.seek(SeekFrom::Start(0))
+        .with_context(|| format!("rewinding base tarball {}", path.display()))?;
     let f = BufReader::with_capacity(1 << 20, CountingReader::new(f, on_progress));
     Ok(match &magic[..n] {
         [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(f)),
@@ -27,12 +31,41 @@ pub fn open<'a>(path: &Path, on_progress: &'a dyn Fn(u64)) -> Result<Box<dyn Rea
     })
 }
 
-/// Tar member path without a leading `./` or `/`; `""` for the root itself.
-pub fn normalize(path: &Path) -> String {
+/// Tar member path without a leading `./`, `.` components or a trailing `/`; `""` for the root
+/// itself. An absolute path or a `..` component is refused (the message says which): the stream
+/// goes into mke2fs, and such a member would not land where its name says.
+pub fn normalize(path: &Path) -> Result<String, String> {
     let s = path.to_string_lossy();
-    let s = s.trim_start_matches("./").trim_start_matches('/');
-    s.trim_end_matches('/').to_string()
+    if s.starts_with('/') {
+        return Err(format!("`{s}` is an absolute path"));
+    }
+    let mut parts = Vec::new();
+    for c in s.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(format!("`{s}` has a `..` component")),
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join("/"))
 }
+
+/// A member path of the base at `tarball`, or an error naming the member.
+pub fn member_path(tarball: &Path, path: &Path) -> Result<String> {
+    normalize(path).map_err(|m| {
+        anyhow!(
+            "base tarball {}: member {m}; expected relative paths inside the root filesystem",
+            tarball.display()
+        )
+    })
+}
+
+/// The largest member a base may hold. A root filesystem has no file near this; a header
+/// claiming more is corrupt or hostile, and its size must not reach any arithmetic.
+pub const MAX_MEMBER: u64 = 64 * GIB;
+
+/// The largest kernel, initramfs or device tree read into memory for the boot partition.
+pub const MAX_BOOT_FILE: u64 = 512 * MIB;
 
 /// A kernel found in the base, with what the boot partition needs from it.
 #[derive(Debug, Clone)]
@@ -152,27 +185,35 @@ pub fn scan(path: &Path, dtb_copies: &[DtbCopy], on_progress: &dyn Fn(u64)) -> R
     };
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
-        let p = normalize(&entry.path().map_err(bad)?);
+        let p = member_path(path, &entry.path().map_err(bad)?)?;
         entries += 1;
         let h = entry.header();
         max_mtime = max_mtime.max(h.mtime().unwrap_or(0));
         let ty = h.entry_type();
         let size = entry.size();
+        if size > MAX_MEMBER {
+            bail!(
+                "base tarball {}: member `{p}` claims {size} bytes ({}); expected at most {} (is the tarball corrupt?)",
+                path.display(),
+                human(size),
+                human(MAX_MEMBER)
+            );
+        }
         if ty.is_file() {
-            data_bytes += size;
-            blocks += size.div_ceil(4096);
+            data_bytes = data_bytes.saturating_add(size);
+            blocks = blocks.saturating_add(size.div_ceil(4096));
         } else if ty.is_dir() {
-            blocks += 1;
+            blocks = blocks.saturating_add(1);
         } else if ty.is_symlink() {
             let target_len = entry.link_name_bytes().map_or(0, |l| l.len());
             // Targets of 60 bytes or more do not fit in the inode.
             if target_len >= 60 {
-                blocks += 1;
+                blocks = blocks.saturating_add(1);
             }
         }
         if ty.is_hard_link() {
             if let Some(target) = entry.link_name().map_err(bad)? {
-                let t = normalize(&target);
+                let t = member_path(path, &target)?;
                 if classify(&p).is_some() {
                     found.hardlinks.push((p.clone(), t));
                 }
@@ -183,8 +224,21 @@ pub fn scan(path: &Path, dtb_copies: &[DtbCopy], on_progress: &dyn Fn(u64)) -> R
             continue;
         }
         let read = |entry: &mut tar::Entry<_>| -> Result<Vec<u8>> {
-            let mut buf = Vec::with_capacity(size as usize);
-            entry.read_to_end(&mut buf).map_err(bad)?;
+            if size > MAX_BOOT_FILE {
+                bail!(
+                    "base tarball {}: boot file `{p}` is {}; expected at most {}",
+                    path.display(),
+                    human(size),
+                    human(MAX_BOOT_FILE)
+                );
+            }
+            // Bounded above, so the capacity is too.
+            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            entry
+                .by_ref()
+                .take(size)
+                .read_to_end(&mut buf)
+                .map_err(bad)?;
             Ok(buf)
         };
         match classify(&p) {

@@ -59,7 +59,7 @@ pub fn write_tar<W: Write>(
     };
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
-        let path = base::normalize(&entry.path().map_err(bad)?);
+        let path = base::member_path(base_path, &entry.path().map_err(bad)?)?;
         stats.base_entries += 1;
         let ty = entry.header().entry_type();
         if dropped_from_base(&path) && !ty.is_dir() {
@@ -113,7 +113,7 @@ pub fn write_tar<W: Write>(
                 .map_err(bad)?
                 .ok_or_else(|| anyhow!("link {path} in the base has no target"))?;
             let target = if ty.is_hard_link() {
-                base::normalize(&target)
+                base::member_path(base_path, &target)?
             } else {
                 target.to_string_lossy().into_owned()
             };
@@ -122,6 +122,14 @@ pub fn write_tar<W: Write>(
                 .context("writing the root filesystem stream")?;
         } else {
             let size = entry.size();
+            // The scan refused this already; checked again so no path streams an absurd size.
+            if size > base::MAX_MEMBER {
+                anyhow::bail!(
+                    "base tarball {}: member `{path}` claims {size} bytes; expected at most {}",
+                    base_path.display(),
+                    base::MAX_MEMBER
+                );
+            }
             header.set_size(size);
             builder
                 .append_data(&mut header, &tar_path, (&mut entry).take(size))
@@ -168,7 +176,10 @@ fn append_entry<W: Write>(
             let f = std::fs::File::open(host)
                 .with_context(|| format!("opening {} for {path}", host.display()))?;
             // A file that changed size since it was sized would corrupt the tar stream.
-            let actual = f.metadata()?.len();
+            let actual = f
+                .metadata()
+                .with_context(|| format!("reading {}", host.display()))?
+                .len();
             if actual != *len {
                 anyhow::bail!(
                     "{} changed size during the build ({len} -> {actual} bytes)",

@@ -129,7 +129,8 @@ impl Tree {
                 let mode = meta.permissions().mode() & 0o7777;
                 let ft = meta.file_type();
                 if ft.is_symlink() {
-                    let t = std::fs::read_link(&path)?;
+                    let t = std::fs::read_link(&path)
+                        .with_context(|| format!("reading symlink {}", path.display()))?;
                     tree.symlink(&rel, &t.to_string_lossy());
                 } else if ft.is_dir() {
                     tree.dir(&rel, mode);
