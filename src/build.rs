@@ -1,11 +1,16 @@
 //! The build pipeline for a set of nodes: plan each, resolve the inputs they share once (one
 //! base per recipe, one k3s per architecture), then write each node's image.
+//!
+//! Everything a build makes is staged and moved into `--out` as one set, only when all of it is
+//! complete (see `publish::staging`): a failed node, a failed publish step, Ctrl-C or SIGTERM
+//! leave the previous outputs as they were.
 
 use crate::config::Config;
 use crate::config::size::human;
 use crate::fetch::{Cache, k3s};
 use crate::image::{self, ImageReport, Inputs};
 use crate::plan::{self, BaseInput, JoinMode, MissingArtifacts, NodePlan};
+use crate::publish::staging::{OutDir, Staging};
 use crate::publish::{self, Format, Manifest, NodeOutput, Published};
 use crate::rootfs::base::BaseScan;
 use crate::rootfs::bootstrap;
@@ -29,17 +34,22 @@ pub struct Request<'a> {
 
 #[derive(Default)]
 pub struct Outcome {
+    /// Images now in the output directory (empty when any node failed).
     pub built: Vec<ImageReport>,
     pub published: Vec<Published>,
     pub failed: Vec<(String, anyhow::Error)>,
     pub skipped: Vec<String>,
+    /// Nodes whose image was made but not published because another node of the build failed.
+    pub discarded: Vec<String>,
 }
 
 /// Plans every node; with `skip_missing`, nodes lacking a user-only artifact are reported and
 /// skipped instead of failing the run.
 fn plans(req: &Request, outcome: &mut Outcome) -> Result<Vec<NodePlan>> {
     let mut plans = Vec::new();
-    for n in &req.nodes {
+    // A node named twice is built once (two builds of it would share its file names).
+    let mut seen = std::collections::HashSet::new();
+    for n in req.nodes.iter().filter(|n| seen.insert(n.as_str())) {
         match plan::plan_node(req.cfg, n, &req.supplied, req.join) {
             Ok(p) => plans.push(p),
             Err(e) => match e.downcast_ref::<MissingArtifacts>() {
@@ -84,7 +94,7 @@ fn debian_bases(cache: &Cache, plans: &[NodePlan]) -> BTreeMap<String, Result<Pa
                     ": building with mmdebstrap; about 12 minutes under emulation, once per recipe"
                 }
             );
-            wanted.push((p.board.name().to_string(), r.clone()));
+            wanted.push((p.board.name().to_string(), (**r).clone()));
         }
     }
     bootstrap::ensure_all(cache, wanted)
@@ -133,10 +143,22 @@ fn k3s_for(cache: &Cache, plan: &NodePlan) -> Result<k3s::K3sFiles> {
 }
 
 pub fn run(req: &Request) -> Result<Outcome> {
+    let r = run_locked(req);
+    // Interrupted: whatever failed because of it, the signal handler ends the process.
+    crate::cleanup::settle();
+    r
+}
+
+fn run_locked(req: &Request) -> Result<Outcome> {
     if req.nodes.is_empty() {
         bail!("no nodes to build");
     }
     image::ext4::check_mke2fs()?;
+    // Locked from here to the end: a second build into the same directory fails now, before
+    // it has done any work. Taking the lock also finishes or removes what a killed build left.
+    let out = OutDir::lock(&req.out)?;
+    let staging = out.stage()?;
+    crate::cleanup::sweep_tmp();
     let mut outcome = Outcome::default();
     let plans = plans(req, &mut outcome)?;
 
@@ -195,8 +217,10 @@ pub fn run(req: &Request) -> Result<Outcome> {
                         break;
                     };
                     let r = match inputs {
-                        Ok(inp) => image::build_node(p, inp, &req.out).and_then(|r| {
+                        Ok(inp) => image::build_node(p, inp, staging.dir()).and_then(|r| {
+                            crate::cleanup::checkpoint("image")?;
                             let published = publish::publish_image(&r.path, &formats)?;
+                            crate::cleanup::checkpoint("publish")?;
                             Ok((r, published))
                         }),
                         Err(e) => Err(anyhow!("{e:#}")),
@@ -210,6 +234,7 @@ pub fn run(req: &Request) -> Result<Outcome> {
     });
 
     let mut inputs_used: Vec<publish::Input> = Vec::new();
+    let mut done: Vec<(ImageReport, Published)> = Vec::new();
     for ((p, inputs), slot) in jobs.iter().zip(results) {
         let r = slot
             .into_inner()
@@ -221,31 +246,7 @@ pub fn run(req: &Request) -> Result<Outcome> {
                 if let Ok(i) = inputs {
                     note_inputs(&mut inputs_used, p, i, &r);
                 }
-                let mut extra = String::new();
-                for (f, c) in &published.compressed {
-                    extra.push_str(&format!(
-                        ", {} {}",
-                        f.extension().unwrap_or(""),
-                        human(c.size)
-                    ));
-                }
-                println!(
-                    "{}: {} {} ({} data{extra}), kernel {}, k3s {}, {}{:.1} s",
-                    r.node,
-                    r.path.display(),
-                    human(r.size),
-                    human(published.mapped_bytes),
-                    r.kernel_version,
-                    r.k3s_version,
-                    if req.join == JoinMode::Rejoin {
-                        "rejoin, "
-                    } else {
-                        ""
-                    },
-                    r.seconds
-                );
-                outcome.built.push(r);
-                outcome.published.push(published);
+                done.push((r, published));
             }
             Err(e) => {
                 eprintln!("error: {}: {e:#}", p.node.name);
@@ -253,8 +254,67 @@ pub fn run(req: &Request) -> Result<Outcome> {
             }
         }
     }
-    if !outcome.built.is_empty() {
-        write_index(req, &outcome, inputs_used)?;
+    if !outcome.failed.is_empty() {
+        // All or nothing: the previous set stays as it was (dropping `staging` removes it).
+        for (r, _) in &done {
+            eprintln!(
+                "{}: built, but not published: another image of this build failed",
+                r.node
+            );
+        }
+        eprintln!(
+            "nothing in {} was replaced; the previous outputs are unchanged",
+            req.out.display()
+        );
+        outcome.discarded = done.into_iter().map(|(r, _)| r.node).collect();
+        return Ok(outcome);
+    }
+    if done.is_empty() {
+        return Ok(outcome);
+    }
+    // Paths as they will be once the set is in place (the manifest records them).
+    for (r, published) in &mut done {
+        r.path = staging.final_path(&r.path);
+        published.raw.path = staging.final_path(&published.raw.path);
+        for (_, c) in &mut published.compressed {
+            c.path = staging.final_path(&c.path);
+        }
+        published.bmap = staging.final_path(&published.bmap);
+    }
+    let (built, published): (Vec<_>, Vec<_>) = done.into_iter().unzip();
+    outcome.built = built;
+    outcome.published = published;
+    write_index(req, &staging, &outcome, inputs_used)?;
+    crate::cleanup::checkpoint("index")?;
+    staging.commit()?;
+
+    for (r, published) in outcome.built.iter().zip(&outcome.published) {
+        let mut extra = String::new();
+        for (f, c) in &published.compressed {
+            extra.push_str(&format!(
+                ", {} {}",
+                f.extension().unwrap_or(""),
+                human(c.size)
+            ));
+        }
+        println!(
+            "{}: {} {} ({} data{extra}), kernel {}, k3s {}, {}{:.1} s",
+            r.node,
+            r.path.display(),
+            human(r.size),
+            human(published.mapped_bytes),
+            r.kernel_version,
+            r.k3s_version,
+            if req.join == JoinMode::Rejoin {
+                "rejoin, "
+            } else {
+                ""
+            },
+            r.seconds
+        );
+        if let Some(a) = r.identity.firmware_advice() {
+            println!("{a}");
+        }
     }
     Ok(outcome)
 }
@@ -270,6 +330,7 @@ fn note_inputs(used: &mut Vec<publish::Input>, p: &NodePlan, i: &Inputs, r: &Ima
                 name,
                 source,
                 sha256,
+                loader: None,
             });
         }
     }
@@ -307,19 +368,34 @@ fn note_inputs(used: &mut Vec<publish::Input>, p: &NodePlan, i: &Inputs, r: &Ima
             continue;
         }
         if let Ok(sha) = crate::fetch::sha256_file(path) {
-            add(used, name.clone(), source, sha);
+            used.push(publish::Input {
+                name: name.clone(),
+                source,
+                sha256: sha,
+                loader: r
+                    .identity
+                    .loaders
+                    .iter()
+                    .find(|l| l.artifact == *name)
+                    .cloned(),
+            });
         }
     }
 }
 
-/// SHA256SUMS and kiln-manifest.json for the images this run built.
-fn write_index(req: &Request, o: &Outcome, inputs: Vec<publish::Input>) -> Result<()> {
+/// SHA256SUMS and kiln-manifest.json for the images this run built, staged with them.
+fn write_index(
+    req: &Request,
+    staging: &Staging,
+    o: &Outcome,
+    inputs: Vec<publish::Input>,
+) -> Result<()> {
     let mut files = Vec::new();
     for p in &o.published {
         files.push(&p.raw);
         files.extend(p.compressed.iter().map(|(_, c)| c));
     }
-    publish::write_sums(&req.out, &files)?;
+    publish::write_sums(staging.dir(), &files)?;
     let inv = &req.cfg.inventory;
     let mut boards: Vec<publish::Source> = Vec::new();
     for r in &o.built {
@@ -356,6 +432,6 @@ fn write_index(req: &Request, o: &Outcome, inputs: Vec<publish::Input>) -> Resul
             })
             .collect(),
     };
-    publish::write_manifest(&req.out, &m)?;
+    publish::write_manifest(staging.dir(), &m)?;
     Ok(())
 }

@@ -142,6 +142,17 @@ pub fn run() -> Result<ExitCode> {
                         )
                     }
                 );
+                for (name, t) in &s.targets {
+                    let default = if *name == s.default_target {
+                        " (default)"
+                    } else {
+                        ""
+                    };
+                    println!("       target {name}{default}: {}", t.description);
+                }
+                for (name, v) in &s.variants {
+                    println!("       variant {name}: {}", v.description);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -183,7 +194,7 @@ pub fn run() -> Result<ExitCode> {
                 eprintln!(
                     "{} of {} image(s) failed",
                     o.failed.len(),
-                    o.failed.len() + o.built.len()
+                    o.failed.len() + o.discarded.len()
                 );
                 return Ok(ExitCode::from(1));
             }
@@ -298,6 +309,16 @@ pub(crate) fn parse_artifacts(args: &[String]) -> Result<BTreeMap<String, PathBu
         let p = PathBuf::from(path);
         if !p.is_file() {
             bail!("--artifact {name}: {} is not a readable file", p.display());
+        }
+        // A zero-byte file is a failed download or a wrong path, never a base, k3s or loader.
+        let len = std::fs::metadata(&p)
+            .map_err(|e| anyhow::anyhow!("--artifact {name}: reading {}: {e}", p.display()))?
+            .len();
+        if len == 0 {
+            bail!(
+                "--artifact {name}: {} is empty (0 bytes); expected the artifact's contents",
+                p.display()
+            );
         }
         if m.insert(name.to_string(), p).is_some() {
             bail!("--artifact {name} given twice");

@@ -3,12 +3,14 @@
 //! Stages, each a module: config → plan → fetch → rootfs → image.
 
 pub mod build;
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod fetch;
 pub mod flash;
 pub mod image;
 pub mod plan;
+pub mod plan_hash;
 pub mod progress;
 pub mod publish;
 pub mod reimage;

@@ -3,7 +3,8 @@
 
 use crate::config::Config;
 use crate::config::board::{Board, TableKind};
-use crate::config::inventory::{K3s, Network, Node, Role, Target};
+use crate::config::board::{TargetSpec, VariantSpec};
+use crate::config::inventory::{K3s, Network, Node, Role};
 use crate::rootfs::bootstrap::Recipe;
 use crate::util::Guid;
 use anyhow::{Result, bail};
@@ -73,8 +74,8 @@ impl JoinMode {
 pub enum BaseInput {
     /// `--artifact base=`.
     File(PathBuf),
-    /// Built by mmdebstrap from the board's recipe (cached).
-    Debian(Recipe),
+    /// Built by mmdebstrap from the board's recipe (cached); boxed, as the recipe is large.
+    Debian(Box<Recipe>),
 }
 
 /// Where k3s comes from: the release, with either file overridden by `--artifact`.
@@ -97,7 +98,17 @@ pub struct Identity {
     pub role: Role,
     pub bootstrap: bool,
     pub slot: Option<u8>,
-    pub target: Target,
+    /// The storage device it boots from (a `[target.*]` of its board).
+    pub target: String,
+    /// The board revision (`[variant.*]`), if the node names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// One-time firmware settings its target needs (the Pi 5's EEPROM), for `kiln write`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firmware_settings: Vec<String>,
+    /// The command that sets them (the board's `eeprom_tool`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_tool: Option<String>,
     pub inventory_sha256: String,
     pub board_sha256: String,
     pub base_sha256: String,
@@ -109,6 +120,36 @@ pub struct Identity {
     /// k3s release tag, or `custom` for `--artifact k3s=`.
     #[serde(default)]
     pub k3s_version: String,
+    /// sha256 of what of the configuration went into this node's image (`crate::plan_hash`):
+    /// `kiln flash` compares it with the current plan. Empty in images from older kilns.
+    #[serde(default)]
+    pub plan_sha256: String,
+    /// Boot loaders written at fixed offsets (the RK1's U-Boot): file, form, sha256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loaders: Vec<crate::image::loader::LoaderRecord>,
+}
+
+impl Identity {
+    /// What the user must set once on the board before this image boots from its target, or
+    /// `None` when nothing is needed.
+    pub fn firmware_advice(&self) -> Option<String> {
+        if self.firmware_settings.is_empty() {
+            return None;
+        }
+        let mut s = format!(
+            "{}: to boot from {}, this board needs these settings once (an image cannot set them); run `{}` on it and set:",
+            self.node,
+            self.target,
+            self.firmware_tool
+                .as_deref()
+                .unwrap_or("the board's firmware tool"),
+        );
+        for l in &self.firmware_settings {
+            s.push_str("\n    ");
+            s.push_str(l);
+        }
+        Some(s)
+    }
 }
 
 /// Everything needed to write one node's image.
@@ -134,6 +175,31 @@ pub struct NodePlan {
 }
 
 impl NodePlan {
+    /// The node's target. Validation guarantees the board has it.
+    pub fn target(&self) -> Option<&TargetSpec> {
+        self.board.spec.targets.get(&self.node.target)
+    }
+
+    /// The node's board revision, if it names one (validated to exist).
+    pub fn variant(&self) -> Option<&VariantSpec> {
+        self.node
+            .variant
+            .as_ref()
+            .and_then(|v| self.board.spec.variants.get(v))
+    }
+
+    /// rpi-firmware: the `device_tree=` file: the variant's, else the board's.
+    pub fn device_tree(&self) -> Option<&str> {
+        self.variant()
+            .and_then(|v| v.device_tree.as_deref())
+            .or(self.board.spec.devicetree.device_tree.as_deref())
+    }
+
+    /// One-time firmware settings the node's target needs, with the command that sets them.
+    pub fn firmware_settings(&self) -> Vec<String> {
+        self.target().map(|t| t.eeprom.clone()).unwrap_or_default()
+    }
+
     /// `root=` value for the kernel command line. PARTUUID is resolved by the kernel itself,
     /// so it works without help from the initramfs.
     pub fn root_partuuid(&self) -> String {
@@ -183,11 +249,11 @@ pub fn plan_node(
     let mut missing = Vec::new();
     let base = match (supplied.get("base"), &board.spec.debian) {
         (Some(p), _) => Some(BaseInput::File(p.clone())),
-        (None, Some(recipe)) => Some(BaseInput::Debian(Recipe::new(
+        (None, Some(recipe)) => Some(BaseInput::Debian(Box::new(Recipe::new(
             board.spec.arch,
             recipe,
             inv.debian.mirror.as_deref(),
-        ))),
+        )))),
         (None, None) => {
             missing.push(format!(
                 "base (root filesystem): pass --artifact base=ROOTFS.tar[.gz|.zst]; {BASE_SOURCE}"
@@ -241,12 +307,7 @@ pub fn plan_node(
         .ok_or_else(|| {
             anyhow::anyhow!("node `{node_name}`: cluster `{}` not defined", node.cluster)
         })?;
-    let peers = inv
-        .nodes
-        .iter()
-        .filter(|n| n.cluster == node.cluster && n.role == Role::Server && n.name != node.name)
-        .map(|n| n.ip)
-        .collect();
+    let peers = peers_of(inv, node);
     Ok(NodePlan {
         node: node.clone(),
         board: board.clone(),
@@ -261,6 +322,16 @@ pub fn plan_node(
         token_file,
         peers,
     })
+}
+
+/// Addresses of the servers of `node`'s cluster other than itself, in inventory order: whom
+/// its first boot probes and joins.
+pub fn peers_of(inv: &crate::config::inventory::Inventory, node: &Node) -> Vec<Ipv4Addr> {
+    inv.nodes
+        .iter()
+        .filter(|n| n.cluster == node.cluster && n.role == Role::Server && n.name != node.name)
+        .map(|n| n.ip)
+        .collect()
 }
 
 /// A node cannot be built because the user has not supplied something only they can.

@@ -138,3 +138,186 @@ fn real_bases_put_kernel_initramfs_and_device_trees_where_each_boot_path_looks()
         );
     }
 }
+
+/// `[debian]` list `key` of a shipped board profile (what the slow tier holds the base to).
+fn profile_list(board: &str, key: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join(format!("boards/{board}.toml"))).unwrap();
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    v["debian"][key]
+        .as_array()
+        .unwrap_or_else(|| panic!("boards/{board}.toml has no [debian] {key}"))
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Module names compare with `-` and `_` alike (modprobe treats them the same).
+fn norm(m: &str) -> String {
+    m.replace('-', "_")
+}
+
+/// The initramfs on the boot partition, checked with initramfs-tools' own tools: every module
+/// of the board's `initramfs_modules` is in it (lsinitramfs) and loaded at boot (listed in the
+/// unpacked `conf/modules`, which the initramfs's init modprobes before it looks for root).
+fn check_initramfs(ws: &Workspace, board: &str, initrd: &[u8]) {
+    let f = ws.path(&format!("{board}-initrd.img"));
+    std::fs::write(&f, initrd).unwrap();
+    let o = run("lsinitramfs", &[f.to_str().unwrap()]);
+    assert_ok(&o, "lsinitramfs");
+    let listed: Vec<String> = stdout(&o)
+        .lines()
+        .filter_map(|l| {
+            let name = l.rsplit('/').next()?;
+            let stem = name.split(".ko").next()?;
+            name.contains(".ko").then(|| norm(stem))
+        })
+        .collect();
+    let dir = ws.path(&format!("{board}-initrd"));
+    let o = run(
+        "unmkinitramfs",
+        &[f.to_str().unwrap(), dir.to_str().unwrap()],
+    );
+    assert_ok(&o, "unmkinitramfs");
+    let conf = ["main/conf/modules", "conf/modules"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(dir.join(p)).ok())
+        .unwrap_or_else(|| panic!("{board}: no conf/modules in the initramfs"));
+    let loaded: Vec<String> = conf.split_whitespace().map(norm).collect();
+    let wanted = profile_list(board, "initramfs_modules");
+    assert!(!wanted.is_empty());
+    for m in &wanted {
+        assert!(
+            listed.contains(&norm(m)),
+            "{board}: module {m} is not in the initramfs (lsinitramfs)"
+        );
+        assert!(
+            loaded.contains(&norm(m)),
+            "{board}: module {m} is not loaded by the initramfs (conf/modules: {conf})"
+        );
+    }
+}
+
+/// Longhorn's prerequisites (longhorn.io "Installation Requirements"): open-iscsi with iscsid
+/// running, an NFSv4 client, and the modules it loads; plus a per-node iSCSI initiator name.
+fn check_longhorn(img: &Path, root: u64, ver: &str) {
+    for f in [
+        "/usr/sbin/iscsid",
+        "/usr/sbin/iscsiadm",
+        "/usr/sbin/mount.nfs",
+    ] {
+        assert!(exists(img, root, f), "missing {f}");
+    }
+    assert_eq!(
+        link_target(
+            img,
+            root,
+            "/etc/systemd/system/sysinit.target.wants/iscsid.service"
+        ),
+        "/usr/lib/systemd/system/iscsid.service",
+        "iscsid.service is not enabled"
+    );
+    let load = cat(img, root, "/etc/modules-load.d/kiln.conf");
+    let mods = format!("/usr/lib/modules/{ver}/kernel/drivers");
+    for (m, file) in [
+        ("iscsi_tcp", "scsi/iscsi_tcp.ko.xz"),
+        ("dm_crypt", "md/dm-crypt.ko.xz"),
+    ] {
+        assert!(
+            load.lines().any(|l| l == m),
+            "{m} not in modules-load.d:\n{load}"
+        );
+        assert!(exists(img, root, &format!("{mods}/{file}")), "no {file}");
+    }
+    // One base, many nodes: the name the package made at install time would be shared.
+    let iname = cat(img, root, "/etc/iscsi/initiatorname.iscsi");
+    assert!(
+        iname.contains("GenerateName=yes") && !iname.contains("InitiatorName="),
+        "{iname}"
+    );
+}
+
+/// What the RK1's kernel command line relies on (it names no `console=`): the device tree's
+/// stdout-path is the BMC's UART, serial9, and the 8250 driver that serves it is built in with
+/// enough lines for every enabled 8250 UART of the tree, so uart9 gets a ttyS line at all.
+fn check_rk1_console(ws: &Workspace, img: &Path, root: u64, ver: &str, dtb: &[u8]) {
+    let f = ws.path("rk1.dtb");
+    std::fs::write(&f, dtb).unwrap();
+    let o = run(
+        "dtc",
+        &["-q", "-I", "dtb", "-O", "dts", f.to_str().unwrap()],
+    );
+    assert_ok(&o, "dtc");
+    let dts = stdout(&o);
+    assert!(
+        dts.contains("stdout-path = \"serial9:115200n8\""),
+        "stdout-path is not serial9 in the RK1's device tree"
+    );
+    let enabled_8250 = dts
+        .split("serial@")
+        .skip(1)
+        .filter(|node| {
+            let body = &node[..node.find("};").unwrap_or(node.len())];
+            body.contains("snps,dw-apb-uart") && body.contains("status = \"okay\"")
+        })
+        .count();
+    let config = cat(img, root, &format!("/boot/config-{ver}"));
+    let opt = |k: &str| {
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} not set in /boot/config-{ver}"))
+            .to_string()
+    };
+    let lines: usize = opt("CONFIG_SERIAL_8250_RUNTIME_UARTS").parse().unwrap();
+    assert!(
+        (1..=lines).contains(&enabled_8250),
+        "{enabled_8250} enabled 8250 UARTs but the kernel registers {lines}"
+    );
+    assert_eq!(opt("CONFIG_SERIAL_8250_DW"), "y");
+    assert_eq!(opt("CONFIG_SERIAL_EARLYCON"), "y");
+}
+
+#[test]
+#[ignore = "slow tier: real Debian base via mmdebstrap (make test)"]
+fn real_bases_are_ready_for_the_real_boards() {
+    let ws = Workspace::new("slow-boards");
+    let (ub, _) = uboot(&ws, 200_000);
+
+    let base = real_base(&ws, "rk1");
+    build_real(&ws, "rk1-1", &base, &ub);
+    let img = ws.path("out/rk1-1.img");
+    let (_, parts) = sfdisk(&img);
+    let (boot, root) = (parts[0].start, parts[1].start);
+    let ver = kernel_version(&img, root);
+    check_initramfs(&ws, "rk1", &mcopy(&img, boot, "initrd.img"));
+    check_longhorn(&img, root, &ver);
+    let dtb = mcopy(&img, boot, "dtbs/rockchip/rk3588-turing-rk1.dtb");
+    check_rk1_console(&ws, &img, root, &ver, &dtb);
+
+    let base = real_base(&ws, "rpi5");
+    // The staging node as shipped (USB target) and as a D0 board.
+    let inv = ws.path("kiln.toml");
+    let s = std::fs::read_to_string(&inv).unwrap();
+    let node = "name = \"pi5-staging\"";
+    std::fs::write(
+        &inv,
+        s.replacen(node, &format!("{node}\nvariant = \"d0\""), 1),
+    )
+    .unwrap();
+    build_real(&ws, "pi5-staging", &base, &ub);
+    let img = ws.path("out/pi5-staging.img");
+    let (_, parts) = sfdisk(&img);
+    let (boot, root) = (parts[0].start, parts[1].start);
+    let ver = kernel_version(&img, root);
+    check_initramfs(&ws, "rpi5", &mcopy(&img, boot, "initramfs_2712"));
+    check_longhorn(&img, root, &ver);
+    let config = String::from_utf8(mcopy(&img, boot, "config.txt")).unwrap();
+    assert!(
+        config
+            .lines()
+            .any(|l| l == "device_tree=bcm2712-d-rpi-5-b.dtb"),
+        "{config}"
+    );
+    let dtb = mcopy(&img, boot, "bcm2712-d-rpi-5-b.dtb");
+    assert_eq!(&dtb[..4], &[0xd0, 0x0d, 0xfe, 0xed], "D0 tree is not a DTB");
+}

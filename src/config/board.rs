@@ -1,7 +1,7 @@
 //! Board profiles (`boards/*.toml`): what a board's boot chain needs from a disk image, as data.
 
 use super::diag::{Diagnostic, Source};
-use super::size::{ByteSize, MIB};
+use super::size::{ByteSize, MAX_DISK, MIB};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -64,16 +64,13 @@ pub enum PartSize {
 
 impl<'de> Deserialize<'de> for PartSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(PartSize::Fixed(ByteSize(n))),
-            Raw::Str(s) if s == "auto" => Ok(PartSize::Auto),
-            Raw::Str(s) => ByteSize::parse(&s)
+        use super::size::{RawSize, RawSizeVisitor};
+        // A visitor, not an untagged enum: its errors say what was expected instead of "data
+        // did not match any variant".
+        match d.deserialize_any(RawSizeVisitor(", or \"auto\""))? {
+            RawSize::Bytes(n) => Ok(PartSize::Fixed(ByteSize(n))),
+            RawSize::Text(s) if s == "auto" => Ok(PartSize::Auto),
+            RawSize::Text(s) => ByteSize::parse(&s)
                 .map(PartSize::Fixed)
                 .map_err(|e| serde::de::Error::custom(format!("{e}, or \"auto\""))),
         }
@@ -122,6 +119,18 @@ pub struct Blob {
     /// Name of the artifact (`--artifact NAME=PATH`) that supplies the bytes.
     pub artifact: String,
     pub offset: ByteSize,
+    /// What kind of boot loader the bytes are, if kiln should check them (and accept a whole
+    /// vendor disk image holding one); absent: written as given.
+    #[serde(default)]
+    pub loader: Option<LoaderKind>,
+}
+
+/// Boot loaders kiln knows how to recognise (see `image::loader`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoaderKind {
+    /// Rockchip idbloader (+ U-Boot proper): header magic `RKNS` at its first byte.
+    Rockchip,
 }
 
 /// An input the user must supply because kiln cannot build or download it.
@@ -178,9 +187,33 @@ pub struct RpiConfig {
     /// Extra lines for config.txt.
     #[serde(default)]
     pub config: Vec<String>,
-    /// Extra lines for config.txt when the node's target is NVMe.
+}
+
+/// A storage device the board boots from (`[target.NAME]`); a node picks one with `target`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub description: String,
+    /// The Turing Pi BMC writes this device (`kiln flash`); otherwise `kiln write`.
     #[serde(default)]
-    pub nvme: Vec<String>,
+    pub bmc_flash: bool,
+    /// One-time firmware settings this device needs to boot (the Pi 5's EEPROM). An image
+    /// cannot change them, so `kiln build` and `kiln write` print them.
+    #[serde(default)]
+    pub eeprom: Vec<String>,
+    /// Extra config.txt lines for this device (rpi-firmware boards).
+    #[serde(default)]
+    pub config: Vec<String>,
+}
+
+/// A board revision that needs different boot files (`[variant.NAME]`); a node picks one with
+/// `variant`, and without one gets the board's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSpec {
+    pub description: String,
+    /// rpi-firmware: the `device_tree=` file for this revision (copied by `[devicetree] copy`).
+    pub device_tree: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,6 +236,15 @@ pub struct BoardFile {
     pub devicetree: DeviceTree,
     #[serde(default)]
     pub rpi: RpiConfig,
+    /// Command that edits the firmware settings of `[target.*] eeprom` (printed with them).
+    pub eeprom_tool: Option<String>,
+    /// Storage devices the board boots from; a node without `target` gets `default_target`.
+    #[serde(rename = "target")]
+    pub targets: BTreeMap<String, TargetSpec>,
+    pub default_target: String,
+    /// Board revisions with their own boot files.
+    #[serde(default, rename = "variant")]
+    pub variants: BTreeMap<String, VariantSpec>,
     /// How kiln builds this board's base root filesystem; without it, `--artifact base=` is needed.
     pub debian: Option<DebianRecipe>,
 }
@@ -224,6 +266,17 @@ pub struct DebianRecipe {
     #[serde(default)]
     pub extra_suites: Vec<String>,
     pub packages: Vec<String>,
+    /// Kernel modules the board needs before its root is mounted (storage, PCIe, USB): an
+    /// initramfs-tools hook adds and loads them in every initramfs the base ever builds,
+    /// including those `apt` builds for later kernels.
+    #[serde(default)]
+    pub initramfs_modules: Vec<String>,
+    /// Kernel modules loaded at every boot (`/etc/modules-load.d/kiln.conf`).
+    #[serde(default)]
+    pub modules_load: Vec<String>,
+    /// systemd units enabled in the base (e.g. `iscsid.service` for Longhorn).
+    #[serde(default)]
+    pub enable: Vec<String>,
 }
 
 fn default_components() -> Vec<String> {
@@ -250,6 +303,22 @@ impl Board {
 
     pub fn artifact(&self, name: &str) -> Option<&ArtifactSpec> {
         self.spec.artifacts.iter().find(|a| a.name == name)
+    }
+
+    /// `nvme, sd, usb`: for messages about an unknown target.
+    pub fn target_names(&self) -> String {
+        let v: Vec<&str> = self.spec.targets.keys().map(String::as_str).collect();
+        v.join(", ")
+    }
+
+    /// `d0`: for messages about an unknown variant.
+    pub fn variant_names(&self) -> String {
+        let v: Vec<&str> = self.spec.variants.keys().map(String::as_str).collect();
+        if v.is_empty() {
+            "none (this board has no variants)".into()
+        } else {
+            v.join(", ")
+        }
     }
 }
 
@@ -369,6 +438,40 @@ fn validate_recipe(
             }
         }
     }
+    let modules: [(&str, &Vec<String>); 2] = [
+        ("initramfs_modules", &r.initramfs_modules),
+        ("modules_load", &r.modules_load),
+    ];
+    for (field, values) in modules {
+        for m in values {
+            if m.is_empty()
+                || !m
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            {
+                d.push(src.diag(
+                    key_span(field),
+                    format!("debian.{field}"),
+                    format!("`{m}` is not a kernel module name; expected letters, digits, - and _"),
+                ));
+            }
+        }
+    }
+    for u in &r.enable {
+        let ok = u
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c))
+            && [".service", ".socket", ".timer", ".path", ".target"]
+                .iter()
+                .any(|x| u.len() > x.len() && u.ends_with(x));
+        if !ok {
+            d.push(src.diag(
+                key_span("enable"),
+                "debian.enable",
+                format!("`{u}` is not a systemd unit name; expected e.g. iscsid.service"),
+            ));
+        }
+    }
     for p in &r.packages {
         if let Some((_, suite)) = p.split_once('/')
             && suite != r.suite
@@ -381,6 +484,112 @@ fn validate_recipe(
                     "`{p}` asks for suite `{suite}`, which the recipe does not use; expected it in extra_suites"
                 ),
             ));
+        }
+    }
+}
+
+/// A line kiln writes into a generated file or prints as a setting: one line, no control
+/// characters (no newline can inject configuration).
+fn is_one_line(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(char::is_control)
+}
+
+/// Names of targets and variants: they appear in the inventory and in messages.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+}
+
+fn validate_targets_and_variants(
+    src: &Source,
+    d: &mut Vec<Diagnostic>,
+    b: &BoardFile,
+    key_span: &dyn Fn(&str) -> std::ops::Range<usize>,
+) {
+    if b.targets.is_empty() {
+        d.push(src.diag(
+            key_span("default_target"),
+            "target",
+            "no [target.NAME] table; expected at least one storage device the board boots from",
+        ));
+    }
+    if !b.targets.contains_key(&b.default_target) {
+        let names: Vec<&str> = b.targets.keys().map(String::as_str).collect();
+        d.push(src.diag(
+            key_span("default_target"),
+            "default_target",
+            format!(
+                "`{}` is not a [target.*] of this board; expected one of: {}",
+                b.default_target,
+                names.join(", ")
+            ),
+        ));
+    }
+    for (name, t) in &b.targets {
+        let at = key_span(&format!("[target.{name}]"));
+        if !is_name(name) {
+            d.push(src.diag(
+                at.clone(),
+                format!("target.{name}"),
+                "target names are lower-case letters, digits, - and _",
+            ));
+        }
+        for (field, lines) in [("eeprom", &t.eeprom), ("config", &t.config)] {
+            for l in lines {
+                if !is_one_line(l) {
+                    d.push(src.diag(
+                        at.clone(),
+                        format!("target.{name}.{field}"),
+                        format!("{l:?} is not one line; expected a single setting without control characters"),
+                    ));
+                }
+            }
+        }
+        if !t.eeprom.is_empty() && b.eeprom_tool.is_none() {
+            d.push(src.diag(
+                at.clone(),
+                format!("target.{name}.eeprom"),
+                "firmware settings need `eeprom_tool` (the command users run to set them)",
+            ));
+        }
+        if !t.config.is_empty() && b.boot != BootStyle::RpiFirmware {
+            d.push(src.diag(
+                at,
+                format!("target.{name}.config"),
+                "config.txt lines are only for rpi-firmware boards",
+            ));
+        }
+    }
+    for (name, v) in &b.variants {
+        let at = key_span(&format!("[variant.{name}]"));
+        if !is_name(name) {
+            d.push(src.diag(
+                at.clone(),
+                format!("variant.{name}"),
+                "variant names are lower-case letters, digits, - and _",
+            ));
+        }
+        match (&v.device_tree, b.boot) {
+            (Some(_), BootStyle::Extlinux) => d.push(src.diag(
+                at,
+                format!("variant.{name}.device_tree"),
+                "extlinux boards take the device tree from U-Boot's $fdtfile; expected no device_tree",
+            )),
+            (Some(dt), BootStyle::RpiFirmware) => {
+                // The firmware reads it from the FAT root: it must be one of the copied files.
+                let copied = b.devicetree.copy.iter().any(|c| c.to == *dt);
+                if !copied {
+                    d.push(src.diag(
+                        at,
+                        format!("variant.{name}.device_tree"),
+                        format!(
+                            "`{dt}` is not the `to` of any [devicetree] copy; expected the file the firmware will find on the boot partition"
+                        ),
+                    ));
+                }
+            }
+            (None, _) => {}
         }
     }
 }
@@ -409,8 +618,13 @@ pub fn mbr_type_byte(t: &str) -> Option<u8> {
 
 /// Byte where the primary GPT (protective MBR + header + 128 entries) ends.
 pub fn gpt_primary_end(first_usable_lba: u64) -> u64 {
-    first_usable_lba * 512
+    // Saturating: validation bounds the LBA, but layout code may see an unvalidated profile.
+    first_usable_lba.saturating_mul(512)
 }
+
+/// The largest `first_usable_lba` accepted: 1 GiB in. Nothing puts partitions later, and the
+/// bound keeps byte offsets derived from it far from overflow.
+pub const MAX_FIRST_USABLE_LBA: u64 = 2 * 1024 * 1024;
 
 fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
     let mut d = Vec::new();
@@ -493,6 +707,16 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
             "must be 34 or more (the primary GPT with 128 entries ends at LBA 33)",
         ));
     }
+    if b.partition_table.first_usable_lba > MAX_FIRST_USABLE_LBA {
+        d.push(src.diag(
+            key_span("first_usable_lba"),
+            "partition_table.first_usable_lba",
+            format!(
+                "{} is out of range; expected 34 to {MAX_FIRST_USABLE_LBA} (1 GiB)",
+                b.partition_table.first_usable_lba
+            ),
+        ));
+    }
     let first_start = b.partitions.first().and_then(|p| p.start.map(|s| s.0));
     for (i, p) in b.partitions.iter().enumerate() {
         let at = header_line("partition", i);
@@ -541,7 +765,7 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
                 field("size"),
                 "\"auto\" is only for the root filesystem; expected a fixed size",
             )),
-            (PartSize::Fixed(s), _, _) => prev_end = prev_end.max(prev_end + s.0),
+            (PartSize::Fixed(s), _, _) => prev_end = prev_end.saturating_add(s.0),
             _ => {}
         }
         if p.content == Content::Boot && p.fs != FsKind::Vfat {
@@ -614,6 +838,9 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
         )),
         _ => {}
     }
+    validate_targets_and_variants(src, &mut d, b, &key_span);
+    validate_ranges(src, &mut d, b, &header_line);
+    validate_boot_files(src, &mut d, b, &key_span);
     if b.boot == BootStyle::RpiFirmware && b.partition_table.kind != TableKind::Mbr {
         d.push(src.diag(
             key_span("kind"),
@@ -622,6 +849,339 @@ fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
         ));
     }
     d
+}
+
+/// Numbers of the profile, each checked against its range before any arithmetic uses it
+/// (layout adds starts, sizes, offsets and headroom), and what the partition table and the
+/// filesystems can hold (entries, names, labels): all of it would otherwise fail the build,
+/// or panic in a table writer, instead of `kiln check`.
+fn validate_ranges(
+    src: &Source,
+    d: &mut Vec<Diagnostic>,
+    b: &BoardFile,
+    header_line: &dyn Fn(&str, usize) -> std::ops::Range<usize>,
+) {
+    let (table, max_parts) = match b.partition_table.kind {
+        TableKind::Gpt => ("a GPT", 128),
+        TableKind::Mbr => ("an MBR", 4),
+    };
+    if b.partitions.len() > max_parts {
+        d.push(src.diag(
+            header_line("partition", max_parts),
+            format!("partition[{max_parts}]"),
+            format!(
+                "{} partitions; {table} holds at most {max_parts}",
+                b.partitions.len()
+            ),
+        ));
+    }
+    for (i, p) in b.partitions.iter().enumerate() {
+        let at = header_line("partition", i);
+        let field = |f: &str| format!("partition[{i}].{f}");
+        if let PartSize::Fixed(s) = p.size
+            && (s.0 == 0 || s.0 > MAX_DISK || !s.0.is_multiple_of(512))
+        {
+            d.push(src.diag(
+                at.clone(),
+                field("size"),
+                format!(
+                    "{s} is out of range; expected a whole number of 512-byte sectors, more than 0 and at most {}",
+                    ByteSize(MAX_DISK)
+                ),
+            ));
+        }
+        // kiln formats FAT32 with clusters of at most 4 KiB, and FAT32 counts fewer than 2^28.
+        if let (PartSize::Fixed(s), FsKind::Vfat) = (p.size, p.fs)
+            && s.0 > MAX_FAT32
+        {
+            d.push(src.diag(
+                at.clone(),
+                field("size"),
+                format!(
+                    "{s} is too large for FAT32; expected at most {}",
+                    ByteSize(MAX_FAT32)
+                ),
+            ));
+        }
+        if let Some(start) = p.start
+            && start.0 > MAX_DISK
+        {
+            d.push(src.diag(
+                at.clone(),
+                field("start"),
+                format!(
+                    "{start} is out of range; expected at most {}",
+                    ByteSize(MAX_DISK)
+                ),
+            ));
+        }
+        if let Some(h) = p.headroom
+            && h.0 > MAX_DISK
+        {
+            d.push(src.diag(
+                at.clone(),
+                field("headroom"),
+                format!(
+                    "{h} is out of range; expected at most {}",
+                    ByteSize(MAX_DISK)
+                ),
+            ));
+        }
+        // MBR entries hold 32-bit sector numbers.
+        if b.partition_table.kind == TableKind::Mbr {
+            let too_far = |v: u64| v / 512 > u64::from(u32::MAX);
+            let size_too_far = matches!(p.size, PartSize::Fixed(s) if too_far(s.0));
+            if p.start.is_some_and(|s| too_far(s.0)) || size_too_far {
+                d.push(src.diag(
+                    at.clone(),
+                    field(if size_too_far { "size" } else { "start" }),
+                    "an MBR addresses at most 2 TiB; expected a start and size below 2TiB, or a GPT",
+                ));
+            }
+        }
+        if b.partition_table.kind == TableKind::Gpt
+            && (p.name.encode_utf16().count() > 36 || p.name.chars().any(char::is_control))
+        {
+            d.push(src.diag(
+                at.clone(),
+                field("name"),
+                format!(
+                    "{:?} does not fit a GPT partition name; expected at most 36 characters, no control characters",
+                    p.name
+                ),
+            ));
+        }
+        let label_ok = match p.fs {
+            // What mkfs.fat accepts in a volume label (kiln upper-cases it).
+            FsKind::Vfat => {
+                p.label.len() <= 11
+                    && p.label
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b" !#$%&'()-@^_`{}~".contains(&c))
+            }
+            FsKind::Ext4 => p.label.len() <= 16 && !p.label.chars().any(char::is_control),
+        };
+        if !label_ok {
+            let expected = match p.fs {
+                FsKind::Vfat => "at most 11 ASCII letters, digits, spaces or !#$%&'()-@^_`{}~",
+                FsKind::Ext4 => "at most 16 bytes without control characters",
+            };
+            d.push(src.diag(
+                at,
+                field("label"),
+                format!(
+                    "{:?} is not a {:?} label; expected {expected}",
+                    p.label, p.fs
+                ),
+            ));
+        }
+    }
+    for (i, blob) in b.blobs.iter().enumerate() {
+        if blob.offset.0 > MAX_DISK {
+            d.push(src.diag(
+                header_line("blob", i),
+                format!("blob[{i}].offset"),
+                format!(
+                    "{} is out of range; expected at most {}",
+                    blob.offset,
+                    ByteSize(MAX_DISK)
+                ),
+            ));
+        }
+    }
+}
+
+/// The largest FAT32 boot partition kiln formats (see `image::fat::cluster_size`).
+const MAX_FAT32: u64 = 512 * 1024 * MIB;
+
+/// A path on the FAT boot partition that kiln also writes into config.txt or extlinux.conf:
+/// `/`-separated names of letters, digits and `-_.+~,@=`, none of them `.` or `..`. Strict on
+/// purpose: a space or newline would split or inject a configuration line.
+pub fn is_boot_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.len() <= 255
+                && c.bytes()
+                    .all(|x| x.is_ascii_alphanumeric() || b"-_.+~,@=".contains(&x))
+        })
+}
+
+/// One word of a kernel command line or boot configuration line: no whitespace, quotes or
+/// control characters, which would split it or start another line.
+fn is_word(s: &str) -> bool {
+    !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"')
+}
+
+/// The boot partition's file names (kernel, initramfs, device-tree destinations) and the values
+/// written into its configuration files: valid, and no two landing on the same FAT path (FAT
+/// names are case-insensitive) or on a file kiln generates itself.
+fn validate_boot_files(
+    src: &Source,
+    d: &mut Vec<Diagnostic>,
+    b: &BoardFile,
+    key_span: &dyn Fn(&str) -> std::ops::Range<usize>,
+) {
+    // (path on the FAT, field, is a single file, the key whose line the error points at).
+    let mut names: Vec<(String, String, bool, &str)> = Vec::new();
+    for (field, v) in [
+        ("kernel.file", &b.kernel.file),
+        ("kernel.initrd", &b.kernel.initrd),
+    ] {
+        let key = field.trim_start_matches("kernel.");
+        if is_boot_path(v) {
+            names.push((v.clone(), field.to_string(), true, key));
+        } else {
+            d.push(src.diag(
+                key_span(key),
+                field,
+                format!(
+                    "{v:?} is not a boot partition file name; expected a non-empty path of letters, digits and -_.+~,@= (no spaces, `.` or `..`)"
+                ),
+            ));
+        }
+    }
+    for (i, c) in b.devicetree.copy.iter().enumerate() {
+        let to = c.to.strip_prefix('/').unwrap_or(&c.to);
+        let field = format!("devicetree.copy[{i}].to");
+        if is_boot_path(to) {
+            names.push((to.to_string(), field, false, "copy"));
+        } else {
+            d.push(src.diag(
+                key_span("copy"),
+                field,
+                format!(
+                    "{:?} is not a boot partition path; expected a non-empty path of letters, digits and -_.+~,@= (no spaces, `.` or `..`)",
+                    c.to
+                ),
+            ));
+        }
+        let from_ok = c
+            .from
+            .split('/')
+            .all(|x| !x.is_empty() && x != "." && x != "..");
+        if !from_ok {
+            d.push(src.diag(
+                key_span("copy"),
+                format!("devicetree.copy[{i}].from"),
+                format!(
+                    "{:?} is not a path inside the kernel's device-tree directory; expected e.g. \"rockchip\" (no `..`, no leading /)",
+                    c.from
+                ),
+            ));
+        }
+    }
+    let generated: &[&str] = match b.boot {
+        BootStyle::Extlinux => &["extlinux/extlinux.conf", "kiln.json"],
+        BootStyle::RpiFirmware => &["config.txt", "cmdline.txt", "kiln.json"],
+    };
+    let key = |s: &str| s.to_ascii_lowercase();
+    for (i, (path, field, file, at)) in names.iter().enumerate() {
+        // A generated file at the same path, or one under a name this one takes.
+        for g in generated {
+            let (p, gl) = (key(path), key(g));
+            if p == gl
+                || gl.starts_with(&format!("{p}/"))
+                || (*file && p.starts_with(&format!("{gl}/")))
+            {
+                d.push(src.diag(
+                    key_span(at),
+                    field.clone(),
+                    format!(
+                        "`{path}` collides with `{g}`, which kiln writes on the boot partition; expected another name"
+                    ),
+                ));
+            }
+        }
+        for (other, ofield, ofile, _) in &names[..i] {
+            let (p, o) = (key(path), key(other));
+            let clash = p == o
+                || (*ofile && p.starts_with(&format!("{o}/")))
+                || (*file && o.starts_with(&format!("{p}/")));
+            if clash {
+                d.push(src.diag(
+                    key_span(at),
+                    field.clone(),
+                    format!(
+                        "`{path}` collides with `{other}` ({ofield}) on the boot partition (FAT names ignore case); expected distinct names"
+                    ),
+                ));
+            }
+        }
+    }
+    // Values written into config.txt, cmdline.txt and extlinux.conf.
+    for (i, w) in b.kernel.cmdline.iter().enumerate() {
+        if !is_word(w) {
+            d.push(src.diag(
+                key_span("cmdline"),
+                format!("kernel.cmdline[{i}]"),
+                format!("{w:?} is not one command-line word; expected no spaces, quotes or control characters"),
+            ));
+        }
+    }
+    for (i, c) in b.kernel.consoles.iter().enumerate() {
+        if !is_word(c) {
+            d.push(src.diag(
+                key_span("consoles"),
+                format!("kernel.consoles[{i}]"),
+                format!("{c:?} is not a console; expected `tty,baud` without spaces or control characters"),
+            ));
+        }
+    }
+    if let Some(f) = &b.devicetree.fdtdir
+        && !is_word(f)
+    {
+        d.push(src.diag(
+            key_span("fdtdir"),
+            "devicetree.fdtdir",
+            format!("{f:?} is not a directory name; expected one word such as \"/dtbs/\""),
+        ));
+    }
+    let trees = std::iter::once((
+        "devicetree.device_tree".to_string(),
+        &b.devicetree.device_tree,
+    ))
+    .chain(
+        b.variants
+            .iter()
+            .map(|(n, v)| (format!("variant.{n}.device_tree"), &v.device_tree)),
+    );
+    for (field, dt) in trees {
+        if let Some(dt) = dt
+            && !is_boot_path(dt)
+        {
+            d.push(src.diag(
+                key_span("device_tree"),
+                field,
+                format!("{dt:?} is not a boot partition file name; expected e.g. \"bcm2712-rpi-5-b.dtb\""),
+            ));
+        }
+    }
+    for (i, l) in b.rpi.config.iter().enumerate() {
+        if !is_one_line(l) {
+            d.push(src.diag(
+                key_span("config"),
+                format!("rpi.config[{i}]"),
+                format!(
+                    "{l:?} is not one line; expected a single setting without control characters"
+                ),
+            ));
+        }
+    }
+    if let Some(t) = &b.eeprom_tool
+        && !is_one_line(t)
+    {
+        d.push(src.diag(
+            key_span("eeprom_tool"),
+            "eeprom_tool",
+            format!("{t:?} is not one line; expected a command without control characters"),
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -17,23 +17,15 @@ pub enum Role {
     Agent,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    #[default]
-    Emmc,
-    Nvme,
-}
-
 // ---- the file as written (spanned) ----
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawInventory {
     network: RawNetwork,
-    bmc: Option<Bmc>,
+    bmc: Option<RawBmc>,
     k3s: Option<RawK3s>,
-    debian: Option<DebianOptions>,
+    debian: Option<RawDebian>,
     #[serde(default)]
     defaults: RawOptions,
     #[serde(rename = "cluster", default)]
@@ -50,14 +42,28 @@ struct RawNetwork {
     #[serde(default)]
     dns: Vec<Ipv4Addr>,
     #[serde(default)]
-    ntp: Vec<String>,
+    ntp: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDebian {
+    mirror: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBmc {
+    host: Spanned<String>,
+    user: Spanned<String>,
+    tls_sha256: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawOptions {
-    ssh_authorized_keys: Option<Vec<String>>,
-    target: Option<Target>,
+    ssh_authorized_keys: Option<Vec<Spanned<String>>>,
+    target: Option<Spanned<String>>,
     overlays: Option<Vec<Spanned<String>>>,
 }
 
@@ -117,8 +123,11 @@ struct RawNode {
     #[serde(default)]
     bootstrap: Option<Spanned<bool>>,
     slot: Option<Spanned<u8>>,
-    ssh_authorized_keys: Option<Vec<String>>,
-    target: Option<Target>,
+    ssh_authorized_keys: Option<Vec<Spanned<String>>>,
+    target: Option<Spanned<String>>,
+    /// A board revision (`[variant.NAME]` of the board profile), e.g. `d0` for a Pi 5 with
+    /// the D0 stepping.
+    variant: Option<Spanned<String>>,
     overlays: Option<Vec<Spanned<String>>>,
 }
 
@@ -153,7 +162,10 @@ pub struct Node {
     pub bootstrap: bool,
     pub slot: Option<u8>,
     pub ssh_authorized_keys: Vec<String>,
-    pub target: Target,
+    /// The storage device it boots from: a `[target.NAME]` of its board.
+    pub target: String,
+    /// A `[variant.NAME]` of its board, or `None` for the board's defaults.
+    pub variant: Option<String>,
     /// Overlay directories, absolute, in the order they apply.
     pub overlays: Vec<PathBuf>,
 }
@@ -250,14 +262,37 @@ fn validate(
     }
 
     let k3s = raw.k3s.as_ref().map(|k| validate_k3s(src, &mut d, k));
-    if let Some(m) = raw.debian.as_ref().and_then(|x| x.mirror.as_ref())
-        && !(m.starts_with("http://") || m.starts_with("https://") || m.starts_with("file://"))
-    {
-        d.push(src.diag(
-            0..0,
-            "debian.mirror",
-            format!("`{m}` is not a URL; expected http://, https:// or file://"),
-        ));
+    let mirror = raw.debian.as_ref().and_then(|x| x.mirror.as_ref());
+    if let Some(m) = mirror {
+        let u = m.get_ref();
+        let scheme =
+            u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file://");
+        // It goes into mmdebstrap's arguments and apt's sources: one word.
+        if !scheme || !is_url_text(u) {
+            d.push(src.diag(
+                m.span(),
+                "debian.mirror",
+                format!(
+                    "{u:?} is not a URL; expected http://, https:// or file:// and no spaces or control characters"
+                ),
+            ));
+        }
+    }
+    for (i, n) in raw.network.ntp.iter().enumerate() {
+        if !is_host(n.get_ref()) {
+            d.push(src.diag(
+                n.span(),
+                format!("network.ntp[{i}]"),
+                format!(
+                    "{:?} is not a host name or address; expected e.g. \"pool.ntp.org\" or \"192.168.100.1\" (letters, digits, `.`, `-`, `:`)",
+                    n.get_ref()
+                ),
+            ));
+        }
+    }
+    let bmc = raw.bmc.as_ref().map(|b| validate_bmc(src, &mut d, b));
+    if let Some(keys) = &raw.defaults.ssh_authorized_keys {
+        check_ssh_keys(src, &mut d, "defaults.ssh_authorized_keys", keys);
     }
 
     // Clusters.
@@ -274,6 +309,16 @@ fn validate(
             ));
         }
         cluster_names.insert(name.clone(), c.name.span());
+        // Cluster names go into shell-sourced node.env, file names and messages.
+        if !is_valid_node_name(name) {
+            d.push(src.diag(
+                c.name.span(),
+                format!("cluster[{i}].name"),
+                format!(
+                    "{name:?} is not a valid cluster name; expected 1-63 lower-case letters, digits or `-`, starting and ending with a letter or digit"
+                ),
+            ));
+        }
         let token_file = resolve(dir, c.token_file.get_ref());
         if check_tokens {
             check_token_file(src, &mut d, i, c, &token_file);
@@ -285,7 +330,23 @@ fn validate(
         });
     }
 
-    let default_overlays: Vec<Spanned<String>> = raw.defaults.overlays.clone().unwrap_or_default();
+    let overlays_dir = dir.join("overlays");
+    let default_overlays: Vec<PathBuf> = raw
+        .defaults
+        .overlays
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(j, o)| {
+            check_overlay(
+                src,
+                &mut d,
+                &overlays_dir,
+                o,
+                format!("defaults.overlays[{j}]"),
+            )
+        })
+        .collect();
     let mut nodes = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut ips: HashMap<Ipv4Addr, (String, usize)> = HashMap::new();
@@ -409,25 +470,65 @@ fn validate(
             }
         }
 
-        let overlays: Vec<Spanned<String>> = n
-            .overlays
-            .clone()
-            .unwrap_or_else(|| default_overlays.clone());
-        let mut overlay_dirs = Vec::new();
-        for o in &overlays {
-            let p = resolve(&dir.join("overlays"), o.get_ref());
-            if !p.is_dir() {
-                d.push(src.diag(
-                    o.span(),
-                    field("overlays"),
-                    format!(
-                        "overlay `{}` not found; expected a directory {}",
-                        o.get_ref(),
-                        p.display()
-                    ),
-                ));
-            }
-            overlay_dirs.push(p);
+        // Target: the node's, else [defaults]', else the board's default; always one the board has.
+        let target = match (&n.target, &raw.defaults.target, board) {
+            (Some(t), _, _) | (None, Some(t), _) => t.get_ref().clone(),
+            (None, None, Some(b)) => b.spec.default_target.clone(),
+            (None, None, None) => String::new(),
+        };
+        if let Some(b) = board
+            && !b.spec.targets.contains_key(&target)
+        {
+            let (span, whence) = match (&n.target, &raw.defaults.target) {
+                (Some(t), _) => (t.span(), field("target")),
+                (None, Some(t)) => (
+                    t.span(),
+                    format!("defaults.target (for node[{i}] `{name}`)"),
+                ),
+                (None, None) => (n.board.span(), field("board")),
+            };
+            d.push(src.diag(
+                span,
+                whence,
+                format!(
+                    "`{target}` is not a target of board `{board_name}`; expected one of: {}",
+                    b.target_names()
+                ),
+            ));
+        }
+        let variant = n.variant.as_ref().map(|v| v.get_ref().clone());
+        if let (Some(v), Some(b)) = (&n.variant, board)
+            && !b.spec.variants.contains_key(v.get_ref())
+        {
+            d.push(src.diag(
+                v.span(),
+                field("variant"),
+                format!(
+                    "`{}` is not a variant of board `{board_name}`; expected one of: {}",
+                    v.get_ref(),
+                    b.variant_names()
+                ),
+            ));
+        }
+
+        let overlay_dirs: Vec<PathBuf> = match &n.overlays {
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(j, o)| {
+                    check_overlay(
+                        src,
+                        &mut d,
+                        &overlays_dir,
+                        o,
+                        field(&format!("overlays[{j}]")),
+                    )
+                })
+                .collect(),
+            None => default_overlays.clone(),
+        };
+        if let Some(keys) = &n.ssh_authorized_keys {
+            check_ssh_keys(src, &mut d, &field("ssh_authorized_keys"), keys);
         }
 
         nodes.push(Node {
@@ -440,10 +541,12 @@ fn validate(
             slot: n.slot.as_ref().map(|s| *s.get_ref()),
             ssh_authorized_keys: n
                 .ssh_authorized_keys
-                .clone()
-                .or_else(|| raw.defaults.ssh_authorized_keys.clone())
+                .as_ref()
+                .or(raw.defaults.ssh_authorized_keys.as_ref())
+                .map(|keys| keys.iter().map(|k| k.get_ref().clone()).collect())
                 .unwrap_or_default(),
-            target: n.target.or(raw.defaults.target).unwrap_or_default(),
+            target,
+            variant,
             overlays: overlay_dirs,
         });
     }
@@ -483,11 +586,18 @@ fn validate(
             net,
             gateway: gw,
             dns: raw.network.dns,
-            ntp: raw.network.ntp,
+            ntp: raw
+                .network
+                .ntp
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
         },
-        bmc: raw.bmc,
+        bmc,
         k3s,
-        debian: raw.debian.unwrap_or_default(),
+        debian: DebianOptions {
+            mirror: mirror.map(|m| m.get_ref().clone()),
+        },
         clusters,
         nodes,
     })
@@ -510,12 +620,12 @@ fn validate_k3s(src: &Source, d: &mut Vec<Diagnostic>, k: &RawK3s) -> K3s {
     let url = match &k.release_url {
         Some(u) => {
             let s = u.get_ref().trim_end_matches('/').to_string();
-            if !(s.starts_with("http://") || s.starts_with("https://")) {
+            if !(s.starts_with("http://") || s.starts_with("https://")) || !is_url_text(&s) {
                 d.push(src.diag(
                     u.span(),
                     "k3s.release_url",
                     format!(
-                        "`{s}` is not an http(s) URL; expected e.g. \"{DEFAULT_K3S_RELEASE_URL}\""
+                        "{s:?} is not an http(s) URL; expected e.g. \"{DEFAULT_K3S_RELEASE_URL}\" (no spaces or control characters)"
                     ),
                 ));
             }
@@ -529,10 +639,168 @@ fn validate_k3s(src: &Source, d: &mut Vec<Diagnostic>, k: &RawK3s) -> K3s {
     }
 }
 
+/// Text of a URL kiln passes on (to mmdebstrap, apt, HTTP): one word, printable ASCII.
+fn is_url_text(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|c| c.is_ascii_graphic()) && !s.contains('"')
+}
+
+/// A host name or an IPv4/IPv6 address as written into timesyncd.conf and the networkd unit:
+/// no space, newline or `#` that could end the value or start another setting.
+pub fn is_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b".-:".contains(&c))
+}
+
+/// One line of root's authorized_keys: a key type word, no newline or other control character
+/// (which would add a second key or option line).
+pub fn is_authorized_key(s: &str) -> bool {
+    let types = ["ssh-", "ecdsa-sha2-", "sk-ssh-", "sk-ecdsa-"];
+    !s.chars().any(char::is_control)
+        && s.split_whitespace()
+            .any(|w| types.iter().any(|t| w.starts_with(t)))
+}
+
+fn check_ssh_keys(src: &Source, d: &mut Vec<Diagnostic>, field: &str, keys: &[Spanned<String>]) {
+    for (i, k) in keys.iter().enumerate() {
+        if !is_authorized_key(k.get_ref()) {
+            let shown: String = k.get_ref().chars().take(40).collect();
+            d.push(src.diag(
+                k.span(),
+                format!("{field}[{i}]"),
+                format!(
+                    "{shown:?} is not one authorized_keys line; expected e.g. \"ssh-ed25519 AAAA... user@host\" without newlines or control characters"
+                ),
+            ));
+        }
+    }
+}
+
+/// Resolves an overlay name to its directory under `overlays/`, reporting names that are not a
+/// plain relative path, directories that do not exist, and any that resolve (through a
+/// symlink) outside `overlays/`. Symlinks inside an overlay are image entries, not followed.
+fn check_overlay(
+    src: &Source,
+    d: &mut Vec<Diagnostic>,
+    overlays_dir: &Path,
+    o: &Spanned<String>,
+    field: String,
+) -> PathBuf {
+    use std::path::Component;
+    let name = o.get_ref();
+    let plain = !name.is_empty()
+        && !name.chars().any(char::is_control)
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    let p = overlays_dir.join(name);
+    if !plain {
+        d.push(src.diag(
+            o.span(),
+            field,
+            format!(
+                "{name:?} is not an overlay name; expected the name of a directory under {} (no `..`, `.` or absolute path)",
+                overlays_dir.display()
+            ),
+        ));
+        return p;
+    }
+    if !p.is_dir() {
+        d.push(src.diag(
+            o.span(),
+            field,
+            format!(
+                "overlay `{name}` not found; expected a directory {}",
+                p.display()
+            ),
+        ));
+        return p;
+    }
+    match (p.canonicalize(), overlays_dir.canonicalize()) {
+        (Ok(real), Ok(root)) if real.starts_with(&root) && real != root => {}
+        (Ok(real), Ok(root)) => d.push(src.diag(
+            o.span(),
+            field,
+            format!(
+                "overlay `{name}` resolves to {}, outside {}; expected a directory inside it (not a symlink leading out)",
+                real.display(),
+                root.display()
+            ),
+        )),
+        (Err(e), _) | (_, Err(e)) => d.push(src.diag(
+            o.span(),
+            field,
+            format!("cannot resolve overlay {}: {e}", p.display()),
+        )),
+    }
+    p
+}
+
+fn validate_bmc(src: &Source, d: &mut Vec<Diagnostic>, b: &RawBmc) -> Bmc {
+    let host = b.host.get_ref();
+    // `name[:port]` or `[v6]:port`, put into https:// URLs.
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c));
+    if !host_ok {
+        d.push(src.diag(
+            b.host.span(),
+            "bmc.host",
+            format!("{host:?} is not a host; expected a name or address, optionally :port"),
+        ));
+    }
+    let user = b.user.get_ref();
+    if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+        d.push(src.diag(
+            b.user.span(),
+            "bmc.user",
+            format!("{user:?} is not a user name; expected no `:` or control characters"),
+        ));
+    }
+    if let Some(fp) = &b.tls_sha256 {
+        let hex: String = fp.get_ref().chars().filter(|c| *c != ':').collect();
+        if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            d.push(src.diag(
+                fp.span(),
+                "bmc.tls_sha256",
+                format!(
+                    "{:?} is not a SHA-256 fingerprint; expected 64 hex digits, `:` allowed",
+                    fp.get_ref()
+                ),
+            ));
+        }
+    }
+    Bmc {
+        host: host.clone(),
+        user: user.clone(),
+        tls_sha256: b.tls_sha256.as_ref().map(|f| f.get_ref().clone()),
+    }
+}
+
 fn check_token_file(src: &Source, d: &mut Vec<Diagnostic>, i: usize, c: &RawCluster, path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let field = format!("cluster[{i}].token_file");
     match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            let what = if m.is_dir() {
+                "a directory"
+            } else if m.file_type().is_fifo() {
+                "a fifo"
+            } else {
+                "not a regular file"
+            };
+            d.push(src.diag(
+                c.token_file.span(),
+                field,
+                format!(
+                    "{} is {what}; expected a regular file holding the token (`kiln secrets init` creates it)",
+                    path.display()
+                ),
+            ));
+        }
         Ok(m) => {
             let mode = m.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {

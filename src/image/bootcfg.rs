@@ -3,7 +3,6 @@
 
 use super::fat::BootFiles;
 use crate::config::board::BootStyle;
-use crate::config::inventory::Target;
 use crate::plan::NodePlan;
 use crate::rootfs::base::KernelFiles;
 use anyhow::{Result, bail};
@@ -56,17 +55,15 @@ fn rpi_config_txt(plan: &NodePlan) -> String {
         plan.node.name,
         spec.kernel.file,
         spec.kernel.initrd,
-        spec.devicetree.device_tree.as_deref().unwrap_or_default(),
+        plan.device_tree().unwrap_or_default(),
     );
-    for l in &spec.rpi.config {
+    let target_lines = plan
+        .target()
+        .map(|t| t.config.as_slice())
+        .unwrap_or_default();
+    for l in spec.rpi.config.iter().chain(target_lines) {
         s.push_str(l);
         s.push('\n');
-    }
-    if plan.node.target == Target::Nvme {
-        for l in &spec.rpi.nvme {
-            s.push_str(l);
-            s.push('\n');
-        }
     }
     s
 }
@@ -101,6 +98,25 @@ pub fn boot_files(plan: &NodePlan, kernel: &KernelFiles, identity_json: &str) ->
                 plan.board.name()
             );
         }
+    }
+    // The firmware reads the device tree config.txt names from the FAT root; a missing one
+    // (say the D0 tree from a kernel without it) must fail the build, not the boot.
+    if spec.boot == BootStyle::RpiFirmware
+        && let Some(dt) = plan.device_tree()
+        && !files.contains_key(dt)
+    {
+        bail!(
+            "kernel {} in the base has no device tree for {}{}: `{dt}` is not among the files copied to the boot partition (from /usr/lib/linux-image-{}/ or /usr/lib/modules/{}/dtb/); use a base whose kernel ships it",
+            kernel.version,
+            plan.board.name(),
+            plan.node
+                .variant
+                .as_deref()
+                .map(|v| format!(" variant `{v}`"))
+                .unwrap_or_default(),
+            kernel.version,
+            kernel.version,
+        );
     }
     match spec.boot {
         BootStyle::Extlinux => {

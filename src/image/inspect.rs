@@ -2,11 +2,11 @@
 //! it was built for — without mounting anything.
 
 use super::fat;
+use super::loader::LoaderRecord;
 use crate::plan::Identity;
-use crate::util::{Guid, hex};
-use anyhow::{Context, Result, anyhow};
+use crate::util::Guid;
+use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -43,6 +43,26 @@ pub struct ImageInfo {
     pub partitions: Vec<PartitionInfo>,
     pub boot_files: Vec<BootFile>,
     pub identity: Option<Identity>,
+    /// Boot loaders the build recorded, each measured from the image itself.
+    pub loaders: Vec<LoaderInfo>,
+    /// What does not add up: partitions past the end of the file or overlapping, a damaged
+    /// table or boot filesystem. The image is read as untrusted; these never stop inspect.
+    pub warnings: Vec<String>,
+}
+
+/// A boot loader in the image: its bytes as they are now, and where the build took them from.
+#[derive(Debug, Serialize)]
+pub struct LoaderInfo {
+    pub artifact: String,
+    pub offset: u64,
+    /// Bytes from `offset` to the last non-zero byte before the first partition, read from the
+    /// image (None when the image cannot hold them: truncated, or no partition after them).
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+    /// What the build recorded in kiln.json: file, form, compression, size and sha256.
+    pub recorded: LoaderRecord,
+    /// Whether the image holds the loader the build recorded.
+    pub matches_record: bool,
 }
 
 fn fs_type(file: &File, start: u64) -> Option<String> {
@@ -60,9 +80,213 @@ fn fs_type(file: &File, start: u64) -> Option<String> {
     None
 }
 
+/// Most GPT partition entries read. Every tool writes 128; the bound keeps a header that claims
+/// 2^32 entries from costing gigabytes.
+const MAX_GPT_ENTRIES: u64 = 4096;
+/// Largest GPT entry accepted (the specification allows 128 × 2^n).
+const MAX_GPT_ENTRY_SIZE: u64 = 4096;
+/// Warnings of one kind listed before the rest are only counted.
+const MAX_WARNINGS: usize = 20;
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    let mut c = flate2::Crc::new();
+    c.update(b);
+    c.sum()
+}
+
+/// A GPT read from an untrusted image: (disk GUID, partitions, the backup header's LBA).
+struct Gpt {
+    disk_guid: [u8; 16],
+    partitions: Vec<PartitionInfo>,
+    alternate_lba: u64,
+}
+
+/// Reads the GPT header at `lba` and its entries, every number range-checked before use.
+fn read_gpt(file: &File, size: u64, lba: u64, warnings: &mut Vec<String>) -> Result<Gpt> {
+    let at = lba
+        .checked_mul(512)
+        .ok_or_else(|| anyhow!("GPT header LBA {lba} is past any disk"))?;
+    let mut h = [0u8; 512];
+    file.read_exact_at(&mut h, at)
+        .map_err(|e| anyhow!("reading the GPT header at byte {at}: {e}"))?;
+    if &h[..8] != b"EFI PART" {
+        bail!("no GPT header at byte {at} (no `EFI PART` signature)");
+    }
+    let hdr_size = le32(&h, 12) as usize;
+    if !(92..=512).contains(&hdr_size) {
+        bail!("GPT header at byte {at} claims {hdr_size} bytes; expected 92 to 512");
+    }
+    let mut hdr = h[..hdr_size].to_vec();
+    hdr[16..20].fill(0);
+    if crc32(&hdr) != le32(&h, 16) {
+        bail!("GPT header at byte {at} fails its CRC32");
+    }
+    let (entries_lba, count, entry_size) = (
+        le64(&h, 72),
+        u64::from(le32(&h, 80)),
+        u64::from(le32(&h, 84)),
+    );
+    if count > MAX_GPT_ENTRIES {
+        bail!(
+            "GPT header at byte {at} claims {count} partition entries; expected at most {MAX_GPT_ENTRIES}"
+        );
+    }
+    if !(128..=MAX_GPT_ENTRY_SIZE).contains(&entry_size) || !entry_size.is_power_of_two() {
+        bail!(
+            "GPT header at byte {at} claims entries of {entry_size} bytes; expected 128, 256, ... up to {MAX_GPT_ENTRY_SIZE}"
+        );
+    }
+    let start = entries_lba
+        .checked_mul(512)
+        .filter(|s| *s < size)
+        .ok_or_else(|| {
+            anyhow!("GPT entries at LBA {entries_lba} lie past the end of the file ({size} bytes)")
+        })?;
+    // count × entry_size ≤ 4096 × 4096 = 16 MiB, by the checks above.
+    let len = count * entry_size;
+    let mut arr = vec![0u8; len as usize];
+    file.read_exact_at(&mut arr, start).map_err(|e| {
+        anyhow!("reading {count} GPT entries at byte {start}: {e} (is the image truncated?)")
+    })?;
+    if crc32(&arr) != le32(&h, 88) {
+        bail!("GPT partition entries at byte {start} fail their CRC32");
+    }
+    let mut partitions = Vec::new();
+    let mut skipped = 0;
+    for (i, e) in arr.chunks_exact(entry_size as usize).enumerate() {
+        if e[..16].iter().all(|b| *b == 0) {
+            continue;
+        }
+        let number = i as u32 + 1;
+        let (first, last) = (le64(e, 32), le64(e, 40));
+        let bytes = last
+            .checked_sub(first)
+            .and_then(|n| n.checked_add(1))
+            .and_then(|n| n.checked_mul(512))
+            .zip(first.checked_mul(512));
+        let Some((len, start)) = bytes else {
+            skipped += 1;
+            if skipped <= MAX_WARNINGS {
+                warnings.push(format!(
+                    "GPT partition {number} runs from LBA {first} to LBA {last}, which is not a disk range; skipped"
+                ));
+            }
+            continue;
+        };
+        let mut type_guid = [0u8; 16];
+        type_guid.copy_from_slice(&e[..16]);
+        let mut part_guid = [0u8; 16];
+        part_guid.copy_from_slice(&e[16..32]);
+        let units: Vec<u16> = e[56..128]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .take_while(|u| *u != 0)
+            .collect();
+        let name: String = String::from_utf16_lossy(&units)
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        partitions.push(PartitionInfo {
+            number,
+            name,
+            start,
+            size: len,
+            type_: Guid::from_gpt_bytes(type_guid).to_string().to_uppercase(),
+            partuuid: Guid::from_gpt_bytes(part_guid).to_string(),
+            bootable: le64(e, 48) & (1 << 2) != 0,
+            filesystem: None,
+        });
+    }
+    if skipped > MAX_WARNINGS {
+        warnings.push(format!(
+            "{} more GPT partitions with no disk range; skipped",
+            skipped - MAX_WARNINGS
+        ));
+    }
+    let mut disk_guid = [0u8; 16];
+    disk_guid.copy_from_slice(&h[56..72]);
+    Ok(Gpt {
+        disk_guid,
+        partitions,
+        alternate_lba: le64(&h, 32),
+    })
+}
+
+/// Warnings about partitions that do not fit the file or each other.
+fn check_partitions(parts: &[PartitionInfo], size: u64, warnings: &mut Vec<String>) {
+    let mut past = 0;
+    for p in parts {
+        let end = p.start.saturating_add(p.size);
+        if end > size {
+            past += 1;
+            if past <= MAX_WARNINGS {
+                warnings.push(format!(
+                    "partition {} (bytes {} to {end}) {} past the end of the file ({size} bytes): is the image truncated?",
+                    p.number,
+                    p.start,
+                    if p.start >= size { "lies" } else { "runs" }
+                ));
+            }
+        }
+    }
+    if past > MAX_WARNINGS {
+        warnings.push(format!(
+            "{} more partitions past the end of the file",
+            past - MAX_WARNINGS
+        ));
+    }
+    let mut sorted: Vec<&PartitionInfo> = parts.iter().filter(|p| p.size > 0).collect();
+    sorted.sort_by_key(|p| p.start);
+    let mut overlaps = 0;
+    // The partition reaching furthest so far: any later one starting before its end overlaps it.
+    let mut reach: Option<&PartitionInfo> = None;
+    for p in sorted {
+        if let Some(r) = reach {
+            let r_end = r.start.saturating_add(r.size);
+            if p.start < r_end {
+                overlaps += 1;
+                if overlaps <= MAX_WARNINGS {
+                    warnings.push(format!(
+                        "partitions {} and {} overlap (bytes {} to {})",
+                        r.number,
+                        p.number,
+                        p.start,
+                        r_end.min(p.start.saturating_add(p.size))
+                    ));
+                }
+            }
+            if p.start.saturating_add(p.size) > r_end {
+                reach = Some(p);
+            }
+        } else {
+            reach = Some(p);
+        }
+    }
+    if overlaps > MAX_WARNINGS {
+        warnings.push(format!(
+            "{} more overlapping partitions",
+            overlaps - MAX_WARNINGS
+        ));
+    }
+}
+
 pub fn inspect(path: &Path) -> Result<ImageInfo> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let size = file.metadata()?.len();
+    // Seek to the end rather than stat: a block device (an image written to a disk) stats as
+    // 0 bytes.
+    let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+        .with_context(|| format!("reading the size of {}", path.display()))?;
+    let mut warnings = Vec::new();
     let mut mbr = [0u8; 512];
     file.read_exact_at(&mut mbr, 0)
         .with_context(|| format!("{} is too small to hold a partition table", path.display()))?;
@@ -74,28 +298,36 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
     }
     let protective = mbr[446 + 4] == 0xee;
     let (table, disk_id, mut partitions) = if protective {
-        let gpt = gptman::GPT::read_from(&mut file, 512)
-            .map_err(|e| anyhow!("{}: reading the GPT: {e}", path.display()))?;
-        let parts = gpt
-            .iter()
-            .filter(|(_, p)| p.is_used())
-            .map(|(n, p)| PartitionInfo {
-                number: n,
-                name: p.partition_name.as_str().to_string(),
-                start: p.starting_lba * 512,
-                size: (p.ending_lba + 1 - p.starting_lba) * 512,
-                type_: Guid::from_gpt_bytes(p.partition_type_guid)
-                    .to_string()
-                    .to_uppercase(),
-                partuuid: Guid::from_gpt_bytes(p.unique_partition_guid).to_string(),
-                bootable: p.attribute_bits & (1 << 2) != 0,
-                filesystem: None,
-            })
-            .collect();
+        // The primary header; if it is unusable, the backup in the file's last sector.
+        let gpt = match read_gpt(&file, size, 1, &mut warnings) {
+            Ok(g) => {
+                let backup_end = g.alternate_lba.saturating_add(1).saturating_mul(512);
+                if backup_end > size {
+                    warnings.push(format!(
+                        "the backup GPT header belongs at LBA {}, past the end of the file ({size} bytes): is the image truncated?",
+                        g.alternate_lba
+                    ));
+                }
+                g
+            }
+            Err(primary) => {
+                let last = (size / 512).saturating_sub(1);
+                let g = read_gpt(&file, size, last, &mut warnings).map_err(|backup| {
+                    anyhow!(
+                        "{}: no usable GPT: {primary:#}; and the backup: {backup:#}",
+                        path.display()
+                    )
+                })?;
+                warnings.push(format!(
+                    "primary GPT unusable ({primary:#}); showing the backup"
+                ));
+                g
+            }
+        };
         (
             "gpt".to_string(),
-            Guid::from_gpt_bytes(gpt.header.disk_guid).to_string(),
-            parts,
+            Guid::from_gpt_bytes(gpt.disk_guid).to_string(),
+            gpt.partitions,
         )
     } else {
         let sig = u32::from_le_bytes([mbr[440], mbr[441], mbr[442], mbr[443]]);
@@ -120,25 +352,64 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
         }
         ("mbr".to_string(), format!("{sig:08x}"), parts)
     };
+    check_partitions(&partitions, size, &mut warnings);
     let mut boot_files = Vec::new();
     let mut identity = None;
+    let mut read_fat = false;
     for p in &mut partitions {
         p.filesystem = fs_type(&file, p.start);
-        if p.filesystem.as_deref() == Some("vfat") && boot_files.is_empty() {
-            let files = fat::read_all(&file, p.start, p.size)?;
-            if let Some(j) = files.get("kiln.json") {
-                identity = serde_json::from_slice(j).ok();
+        if p.filesystem.as_deref() == Some("vfat") && !read_fat {
+            read_fat = true;
+            // Only the part of the partition the file holds.
+            let len = p.size.min(size.saturating_sub(p.start));
+            match fat::read_files(&file, p.start, len) {
+                Ok(l) => {
+                    if let Some(j) = &l.kiln_json {
+                        identity = serde_json::from_slice(j).ok();
+                    }
+                    warnings.extend(
+                        l.warnings
+                            .into_iter()
+                            .map(|w| format!("partition {}: {w}", p.number)),
+                    );
+                    boot_files = l
+                        .files
+                        .into_iter()
+                        .map(|(path, f)| BootFile {
+                            path,
+                            size: f.size,
+                            sha256: f.sha256,
+                        })
+                        .collect();
+                }
+                Err(e) => warnings.push(format!(
+                    "partition {}: the FAT boot filesystem is unreadable: {e:#}",
+                    p.number
+                )),
             }
-            boot_files = files
-                .into_iter()
-                .map(|(path, data)| BootFile {
-                    path,
-                    size: data.len() as u64,
-                    sha256: hex(&Sha256::digest(&data)),
-                })
-                .collect();
         }
     }
+    // Measured from the image, so a loader written over afterwards shows, not only the record.
+    let first = partitions.iter().map(|p| p.start).min().unwrap_or(size);
+    let loaders = identity
+        .as_ref()
+        .map(|id: &Identity| id.loaders.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| {
+            let m = super::loader::measure(&file, r.offset, first).ok();
+            LoaderInfo {
+                artifact: r.artifact.clone(),
+                offset: r.offset,
+                matches_record: m
+                    .as_ref()
+                    .is_some_and(|(n, sha)| *n == r.size && *sha == r.sha256),
+                size: m.as_ref().map(|(n, _)| *n),
+                sha256: m.map(|(_, sha)| sha),
+                recorded: r,
+            }
+        })
+        .collect();
     Ok(ImageInfo {
         image: path.display().to_string(),
         size,
@@ -147,6 +418,8 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
         partitions,
         boot_files,
         identity,
+        loaders,
+        warnings,
     })
 }
 
@@ -180,6 +453,20 @@ pub fn render_text(info: &ImageInfo) -> String {
             if id.bootstrap { ", bootstrap" } else { "" },
             id.kiln_version
         ));
+        s.push_str(&format!(
+            "boots from {}{}\n",
+            id.target,
+            id.variant
+                .as_deref()
+                .map(|v| format!(", board variant {v}"))
+                .unwrap_or_default()
+        ));
+        if !id.firmware_settings.is_empty() {
+            s.push_str(&format!(
+                "needs these one-time firmware settings: {}\n",
+                id.firmware_settings.join(" ")
+            ));
+        }
     }
     s.push_str("partitions:\n");
     for p in &info.partitions {
@@ -195,14 +482,40 @@ pub fn render_text(info: &ImageInfo) -> String {
             if p.bootable { " bootable" } else { "" }
         ));
     }
+    for l in &info.loaders {
+        let found = match (l.size, &l.sha256) {
+            (Some(n), Some(sha)) => format!("{} ({n} bytes), sha256 {sha}", human(n)),
+            _ => "unreadable".to_string(),
+        };
+        s.push_str(&format!(
+            "loader {} at byte {}: {found}, from {}{}\n",
+            l.artifact,
+            l.offset,
+            l.recorded.describe(),
+            if l.matches_record {
+                String::new()
+            } else {
+                format!(
+                    "; DIFFERS from the build record ({} bytes, sha256 {})",
+                    l.recorded.size, l.recorded.sha256
+                )
+            }
+        ));
+    }
     s.push_str("boot files:\n");
     for f in &info.boot_files {
         s.push_str(&format!(
             "  {:50} {:>10}  {}\n",
             f.path,
             human(f.size),
-            &f.sha256[..16]
+            f.sha256.get(..16).unwrap_or(&f.sha256)
         ));
     }
-    s
+    for w in &info.warnings {
+        s.push_str(&format!("warning: {w}\n"));
+    }
+    // Names and kiln.json come from the image: no escape sequences reach the terminal.
+    s.chars()
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .collect()
 }

@@ -6,6 +6,7 @@ pub mod ext4;
 pub mod fat;
 pub mod inspect;
 pub mod layout;
+pub mod loader;
 pub mod slice;
 pub mod sparse;
 pub mod table;
@@ -18,6 +19,7 @@ use crate::rootfs::{self, base, merge};
 use crate::secrets::Token;
 use crate::util::{AtomicFile, source_date_epoch};
 use anyhow::{Context, Result, anyhow};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -62,6 +64,58 @@ pub fn scan_base(plan: &NodePlan, base_path: &Path) -> Result<base::BaseScan> {
     scan
 }
 
+/// A blob's bytes, and for a loader where they came from.
+struct BlobData {
+    artifact: String,
+    data: Vec<u8>,
+    record: Option<loader::LoaderRecord>,
+}
+
+/// Reads the board's blobs from their artifacts, in profile order, each bounded by the room
+/// between its offset and the first partition.
+fn read_blobs(plan: &NodePlan) -> Result<Vec<BlobData>> {
+    let first = layout::first_partition_start(plan)?;
+    let mut blobs = Vec::new();
+    for b in &plan.board.spec.blobs {
+        let p = plan.artifacts.get(&b.artifact).ok_or_else(|| {
+            anyhow!(
+                "--artifact {}=FILE was not given (the plan requires it)",
+                b.artifact
+            )
+        })?;
+        let offset = b.offset.0;
+        let room = first.checked_sub(offset).ok_or_else(|| {
+            anyhow!(
+                "board {}: {} at byte {offset} is past the first partition at byte {first}",
+                plan.board.name(),
+                b.artifact
+            )
+        })?;
+        let (data, record) = match b.loader {
+            Some(kind) => {
+                let l = loader::read(&b.artifact, p, kind, offset, room)?;
+                (l.data, Some(l.record))
+            }
+            None => {
+                // Raw blob: read at most one byte past the room; layout::place refuses it then.
+                let f = std::fs::File::open(p)
+                    .with_context(|| format!("opening artifact {}={}", b.artifact, p.display()))?;
+                let mut data = Vec::new();
+                f.take(room.saturating_add(1))
+                    .read_to_end(&mut data)
+                    .with_context(|| format!("reading artifact {}={}", b.artifact, p.display()))?;
+                (data, None)
+            }
+        };
+        blobs.push(BlobData {
+            artifact: b.artifact.clone(),
+            data,
+            record,
+        });
+    }
+    Ok(blobs)
+}
+
 /// Builds one node's image into `out_dir/<node>.img`.
 pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<ImageReport> {
     let started = Instant::now();
@@ -76,6 +130,16 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
     let scan = &inputs.scan;
 
     let epoch = source_date_epoch(scan.max_mtime)?;
+    let blobs = read_blobs(plan)?;
+    for r in blobs.iter().filter_map(|b| b.record.as_ref()) {
+        eprintln!(
+            "{node}: {} from {}: {} bytes, sha256 {}",
+            r.artifact,
+            r.describe(),
+            r.size,
+            r.sha256
+        );
+    }
     let identity = Identity {
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         node: node.clone(),
@@ -85,13 +149,21 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
         role: plan.node.role,
         bootstrap: plan.node.bootstrap,
         slot: plan.node.slot,
-        target: plan.node.target,
+        target: plan.node.target.clone(),
+        variant: plan.node.variant.clone(),
+        firmware_settings: plan.firmware_settings(),
+        firmware_tool: plan
+            .target()
+            .filter(|t| !t.eeprom.is_empty())
+            .and(plan.board.spec.eeprom_tool.clone()),
         inventory_sha256: plan.inventory_sha256.clone(),
         board_sha256: plan.board.sha256.clone(),
         base_sha256: scan.sha256.clone(),
         build_epoch: epoch,
         join: plan.join,
         k3s_version: inputs.k3s.version.clone(),
+        plan_sha256: crate::plan_hash::of_plan(plan)?,
+        loaders: blobs.iter().filter_map(|b| b.record.clone()).collect(),
     };
     let identity_json = serde_json::to_string_pretty(&identity)? + "\n";
     let overlay = rootfs::overlay_for(plan, &identity, &inputs.k3s, &token)?;
@@ -114,16 +186,9 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
         PartSize::Fixed(s) => s.0,
         PartSize::Auto => auto_size,
     };
-    let mut blobs = Vec::new();
-    for b in &plan.board.spec.blobs {
-        let p = &plan.artifacts[&b.artifact];
-        let data = std::fs::read(p)
-            .with_context(|| format!("reading artifact {}={}", b.artifact, p.display()))?;
-        blobs.push((b.artifact.clone(), data));
-    }
     let blob_lens: Vec<(String, u64)> = blobs
         .iter()
-        .map(|(a, d)| (a.clone(), d.len() as u64))
+        .map(|b| (b.artifact.clone(), b.data.len() as u64))
         .collect();
     let layout = layout::place(plan, root_size, &blob_lens)?;
     let boot_files = bootcfg::boot_files(plan, &scan.kernel, &identity_json)?;
@@ -174,10 +239,10 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
     pb.finish_and_clear();
 
     // 5. Loader blobs and the partition table last, so an interrupted write never looks bootable.
-    for ((artifact, data), placed) in blobs.iter().zip(&layout.blobs) {
+    for (b, placed) in blobs.iter().zip(&layout.blobs) {
         out.file()
-            .write_all_at(data, placed.offset)
-            .with_context(|| format!("writing {artifact} at byte {}", placed.offset))?;
+            .write_all_at(&b.data, placed.offset)
+            .with_context(|| format!("writing {} at byte {}", b.artifact, placed.offset))?;
     }
     table::write(out.file(), &layout, &plan.ids)?;
     sparse::punch_zeros(out.file(), 0, layout.disk_size)?;

@@ -11,10 +11,35 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// Bumped when the way kiln drives mmdebstrap changes, so old cached bases are not reused.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
-/// Removed from the base so every node makes its own on first boot (the image is shared).
-const CUSTOMIZE_HOOK: &str = r#"rm -f "$1"/etc/ssh/ssh_host_*"#;
+/// Per-machine identities the packages made at install time; the base is shared by every
+/// node, so each node must make its own on first boot. SSH host keys are dropped (first boot
+/// runs `ssh-keygen -A`); open-iscsi's InitiatorName is set to `GenerateName=yes`, which its
+/// `iscsid.service` (`ExecStartPre=/usr/lib/open-iscsi/startup-checks.sh`) replaces with a
+/// unique name on the node's first start (Debian open-iscsi's postinst and startup-checks.sh).
+const CUSTOMIZE_HOOK: &str = r#"rm -f "$1"/etc/ssh/ssh_host_*; if [ -e "$1/etc/iscsi/initiatorname.iscsi" ]; then printf 'GenerateName=yes\n' > "$1/etc/iscsi/initiatorname.iscsi"; chmod 600 "$1/etc/iscsi/initiatorname.iscsi"; fi"#;
+
+/// initramfs-tools hook (initramfs-tools(7), "Hook scripts") that adds and loads the board's
+/// `initramfs_modules` in every initramfs, also those built later by `apt`. It is written
+/// before the kernel package is installed, so the base's first initramfs has them. A module
+/// the kernel lacks is reported, not fatal: the slow tier checks each board's list with
+/// lsinitramfs.
+const INITRAMFS_HOOK: &str = r#"#!/bin/sh
+# Written by kiln from the board profile's [debian] initramfs_modules.
+[ "$1" = prereqs ] && exit 0
+. /usr/share/initramfs-tools/hook-functions
+for m in @MODULES@; do
+    if modprobe --set-version="$version" --show-depends "$m" >/dev/null 2>&1; then
+        force_load "$m"
+    else
+        echo "W: kiln: kernel $version has no module $m" >&2
+    fi
+done
+"#;
+
+pub const INITRAMFS_HOOK_PATH: &str = "etc/initramfs-tools/hooks/kiln-modules";
+pub const MODULES_LOAD_PATH: &str = "etc/modules-load.d/kiln.conf";
 
 /// Everything that decides a base's content; its hash is the cache key.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -75,6 +100,41 @@ impl Recipe {
         Some(s)
     }
 
+    /// Runs after the Essential packages and before the recipe's packages (mmdebstrap(1)), so
+    /// the initramfs hook is in place when the kernel's postinst builds the first initramfs.
+    /// Module names are validated as plain words by the board check.
+    fn essential_hook(&self) -> Option<String> {
+        let mods = &self.debian.initramfs_modules;
+        if mods.is_empty() {
+            return None;
+        }
+        let hook = INITRAMFS_HOOK.replace("@MODULES@", &mods.join(" "));
+        Some(format!(
+            "set -e; mkdir -p \"$1/etc/initramfs-tools/hooks\"; cat > \"$1/{INITRAMFS_HOOK_PATH}\" <<'KILN_EOF'\n{hook}KILN_EOF\nchmod 755 \"$1/{INITRAMFS_HOOK_PATH}\""
+        ))
+    }
+
+    /// Modules to load at boot and units to enable (names validated by the board check).
+    fn customize_hooks(&self) -> Vec<String> {
+        let d = &self.debian;
+        let mut v = Vec::new();
+        if !d.modules_load.is_empty() {
+            v.push(format!(
+                "set -e; mkdir -p \"$1/etc/modules-load.d\"; printf '%s\\n' {} > \"$1/{MODULES_LOAD_PATH}\"",
+                d.modules_load.join(" ")
+            ));
+        }
+        if !d.enable.is_empty() {
+            // The unit's own [Install] section decides the links; systemctl runs in the chroot
+            // (through qemu-user for arm64) because the host may have no systemd.
+            v.push(format!(
+                "chroot \"$1\" systemctl enable {}",
+                d.enable.join(" ")
+            ));
+        }
+        v
+    }
+
     pub fn argv(&self, out: &Path) -> Vec<String> {
         let d = &self.debian;
         let mut a = vec![
@@ -88,7 +148,13 @@ impl Recipe {
         if let Some(h) = self.setup_hook() {
             a.push(format!("--setup-hook={h}"));
         }
+        if let Some(h) = self.essential_hook() {
+            a.push(format!("--essential-hook={h}"));
+        }
         a.push(format!("--customize-hook={CUSTOMIZE_HOOK}"));
+        for h in self.customize_hooks() {
+            a.push(format!("--customize-hook={h}"));
+        }
         a.push(d.suite.clone());
         a.push(out.to_string_lossy().into_owned());
         if let Some(m) = &self.mirror {
@@ -179,8 +245,14 @@ pub fn ensure(cache: &Cache, recipe: &Recipe, on_line: &dyn Fn(&str)) -> Result<
     }
     preflight(recipe.arch)?;
     let dir = cache.dir("bases")?;
+    sweep_partials(&dir);
     // mmdebstrap picks the compressor from the extension, so the temporary name keeps it.
     let tmp = dir.join(format!(".{key}.partial-{}.tar.zst", std::process::id()));
+    // Ctrl-C or SIGTERM: the unfinished tarball goes (mmdebstrap is stopped first, below).
+    let t = tmp.clone();
+    let _remove_tmp = crate::cleanup::on_interrupt(move || {
+        let _ = std::fs::remove_file(&t);
+    });
     let log_path = dir.join(format!("{key}.log"));
     let mut log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
@@ -198,6 +270,12 @@ pub fn ensure(cache: &Cache, recipe: &Recipe, on_line: &dyn Fn(&str)) -> Result<
         .stderr(Stdio::piped())
         .spawn()
         .context("starting mmdebstrap")?;
+    // Registered after `_remove_tmp`, so run before it; dropped once the child is reaped (its
+    // pid could be reused after that).
+    let pid = child.id().to_string();
+    let stop_child = crate::cleanup::on_interrupt(move || {
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    });
     // mmdebstrap reports on stderr; stdout is drained by a thread so neither pipe fills.
     let mut stdout = child.stdout.take();
     let drain = std::thread::spawn(move || {
@@ -221,7 +299,9 @@ pub fn ensure(cache: &Cache, recipe: &Recipe, on_line: &dyn Fn(&str)) -> Result<
             }
         }
     }
-    let status = child.wait().context("waiting for mmdebstrap")?;
+    let status = child.wait().context("waiting for mmdebstrap");
+    drop(stop_child);
+    let status = status?;
     let out = drain.join().unwrap_or_default();
     let _ = log.write_all(&out);
     if !status.success() {
@@ -241,6 +321,30 @@ pub fn ensure(cache: &Cache, recipe: &Recipe, on_line: &dyn Fn(&str)) -> Result<
         key,
         reused: false,
     })
+}
+
+/// Removes unfinished base tarballs (`.<key>.partial-PID.tar.zst`) of kiln runs that are gone.
+fn sweep_partials(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_suffix(".tar.zst")
+            .filter(|n| n.starts_with('.'))
+            .and_then(|n| n.rsplit_once(".partial-"))
+            .and_then(|(_, p)| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !crate::cleanup::alive(pid)
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            eprintln!(
+                "removed {}, left by an interrupted kiln run",
+                e.path().display()
+            );
+        }
+    }
 }
 
 /// Ensures the bases of several boards at once: one mmdebstrap run per distinct recipe, all
@@ -303,6 +407,25 @@ pub fn ensure_all(
 mod tests {
     use super::*;
 
+    #[test]
+    fn unfinished_bases_of_gone_runs_are_swept_and_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("kiln-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut gone = Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let stale = dir.join(format!(".abc.partial-{dead}.tar.zst"));
+        let live = dir.join(format!(".abc.partial-{}.tar.zst", std::process::id()));
+        let done = dir.join("abc.tar.zst");
+        for f in [&stale, &live, &done] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        sweep_partials(&dir);
+        assert!(!stale.exists());
+        assert!(live.exists() && done.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn recipe(pkgs: &[&str]) -> DebianRecipe {
         DebianRecipe {
             suite: "trixie".into(),
@@ -310,6 +433,9 @@ mod tests {
             variant: "apt".into(),
             extra_suites: vec!["trixie-backports".into()],
             packages: pkgs.iter().map(|s| s.to_string()).collect(),
+            initramfs_modules: vec![],
+            modules_load: vec![],
+            enable: vec![],
         }
     }
 

@@ -372,12 +372,25 @@ pub fn build(
     ws.kiln(&refs)
 }
 
-/// A stand-in loader file of `len` bytes (test data, not U-Boot).
+/// A stand-in loader file of `len` bytes (test data, not U-Boot): the Rockchip idbloader header
+/// magic `RKNS` that kiln checks, random bytes, and a non-zero last byte (kiln drops trailing
+/// zeros, so this keeps the loader exactly `len` bytes long).
 pub fn uboot(ws: &Workspace, len: usize) -> (std::path::PathBuf, Vec<u8>) {
-    let data = bytes(42, len);
+    let data = loader_bytes(42, len);
     let p = ws.path("u-boot-rockchip.bin");
     std::fs::write(&p, &data).unwrap();
     (p, data)
+}
+
+/// Stand-in loader bytes: `RKNS`, then random bytes, ending in a non-zero byte.
+pub fn loader_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut data = bytes(seed, len);
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&b"RKNS"[..n]);
+    if let Some(last) = data.last_mut() {
+        *last |= 1;
+    }
+    data
 }
 
 /// `kiln base BOARD` with the user's cache, so CI and later runs reuse the base.
