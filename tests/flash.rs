@@ -883,3 +883,86 @@ fn staleness_follows_this_nodes_plan_not_the_whole_inventory() {
     std::fs::write(&board, profile).unwrap();
     stale(base.clone(), &["older than the board profile"]);
 }
+
+#[test]
+fn a_flash_past_its_deadline_is_cancelled_however_it_progresses() {
+    let (bmc, ws) = setup("flash-deadline", Mode::Normal, 41);
+    ws.build("n1");
+    // A slow BMC that keeps progressing: the stall timeout never fires, the deadline must.
+    bmc.state.lock().unwrap().pace = Duration::from_millis(700);
+    let t = Instant::now();
+    let out = ws.kiln(&["flash", "n1", "--deadline", "2", "--stall-timeout", "600"]);
+    assert!(!out.status.success(), "a flash past its deadline succeeded");
+    let e = stderr(&out);
+    assert!(e.contains("deadline of 2 s"), "{e}");
+    assert!(e.contains("not powered on"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "kiln waited {:?}",
+        t.elapsed()
+    );
+    assert!(
+        bmc.requests()
+            .iter()
+            .any(|r| r.path == "/api/bmc/upload/4242/cancel"),
+        "kiln must cancel its own transfer when it gives up"
+    );
+    assert!(bmc.power_sets().is_empty());
+}
+
+#[test]
+fn a_truncated_image_or_a_stale_xz_is_never_uploaded() {
+    let (bmc, ws) = setup("flash-truncated", Mode::Normal, 42);
+    let img = ws.build("n1");
+    let full = std::fs::read(&img).unwrap();
+
+    // Cut inside the root partition: it now runs past the end of the file.
+    let info = kiln::image::inspect::inspect(&img).unwrap();
+    let root = info.partitions.last().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(root.start + (1 << 20)).unwrap();
+    drop(f);
+    let out = ws.kiln(&["flash", "n1"]);
+    assert!(!out.status.success(), "a truncated image was flashed");
+    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+    assert!(flash_requests(&bmc).is_empty());
+
+    // Whole again, but the .xz beside it (newer, so kiln would reuse it) is another image's.
+    std::fs::write(&img, &full).unwrap();
+    let other = ws.path("other.img");
+    let mut bytes = full.clone();
+    bytes[(1 << 20) + 7] ^= 0xff;
+    std::fs::write(&other, &bytes).unwrap();
+    let o = Command::new("xz")
+        .args(["-k", "-f", "-T1", "-0", other.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let xz = PathBuf::from(format!("{}.xz", img.display()));
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::copy(ws.path("other.img.xz"), &xz).unwrap();
+    let out = ws.kiln(&["flash", "n1"]);
+    assert!(!out.status.success(), "an .xz of other bytes was flashed");
+    assert!(
+        stderr(&out).contains("does not decompress to"),
+        "{}",
+        stderr(&out)
+    );
+    // A cut .xz is refused too.
+    let x = std::fs::read(&xz).unwrap();
+    std::fs::write(&xz, &x[..x.len() / 2]).unwrap();
+    let out = ws.kiln(&["flash", "n1"]);
+    assert!(!out.status.success(), "a cut .xz was flashed");
+    assert!(
+        stderr(&out).contains("does not decompress"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(flash_requests(&bmc).is_empty(), "nothing may reach the BMC");
+
+    // Removed, kiln makes a fresh one and flashes.
+    std::fs::remove_file(&xz).unwrap();
+    let out = ws.kiln(&["flash", "n1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(flash_requests(&bmc).len(), 1);
+}

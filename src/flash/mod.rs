@@ -66,6 +66,11 @@ pub struct BmcArgs {
     /// Give up (and cancel) when the BMC reports no flashing progress for this many seconds.
     #[arg(long, default_value_t = 180, value_name = "SECS")]
     pub stall_timeout: u64,
+    /// Give up (and cancel its own transfer) when a flash has not finished after this many
+    /// seconds, however it progresses: no slow BMC holds kiln forever. The default allows a
+    /// 32 GB eMMC written and read back at about 20 MB/s.
+    #[arg(long, default_value_t = 3600, value_name = "SECS")]
+    pub deadline: u64,
 }
 
 /// Set by Ctrl-C; checked by the upload stream and the polling loop.
@@ -146,6 +151,21 @@ pub(crate) fn slot_of(cfg: &Config, node: &Node) -> Result<u8> {
 /// inventory and board profile went into this node's image — has changed since it was built.
 /// Changes that do not reach this node (another node, `[bmc]`, comments) leave it fresh.
 pub(crate) fn check_image(cfg: &Config, node: &Node, image: &Path, force: bool) -> Result<()> {
+    // A truncated image (a cut copy, a full disk) would be written to the eMMC as far as it
+    // goes and leave a root partition that ends in nothing.
+    let info = crate::image::inspect::inspect(image)?;
+    for p in &info.partitions {
+        let end = p.start.saturating_add(p.size);
+        if end > info.size {
+            bail!(
+                "{} is {} bytes, but its partition {} ({}) ends at byte {end}: the image is truncated; expected the whole image (build it again)",
+                image.display(),
+                info.size,
+                p.number,
+                p.name
+            );
+        }
+    }
     let id = crate::image::inspect::identity(image)?;
     if id.node != node.name || id.cluster != node.cluster {
         bail!(
@@ -502,6 +522,8 @@ fn poll(
     args: &BmcArgs,
 ) -> Result<()> {
     let stall = Duration::from_secs(args.stall_timeout);
+    let deadline = Duration::from_secs(args.deadline);
+    let started = Instant::now();
     let pb = crate::progress::spinner(format!("{}: flash requested", node.name));
     let finish = |pb: &indicatif::ProgressBar| pb.finish_and_clear();
     let mut upload = Some(upload);
@@ -588,6 +610,14 @@ fn poll(
                 }
                 bail!("BMC reported: {}", explain(&msg));
             }
+        }
+        if started.elapsed() > deadline {
+            finish(&pb);
+            bail!(
+                "the flash did not finish within its deadline of {} s (--deadline; now {})",
+                deadline.as_secs(),
+                progress.describe(sent_now, xz.length, xz.image_len)
+            );
         }
         if moved.elapsed() > stall {
             finish(&pb);

@@ -22,6 +22,9 @@ pub fn ensure(img: &Path) -> Result<Compressed> {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let fresh = matches!((mtime(&xz), mtime(img)), (Some(x), Some(i)) if x >= i);
     let (length, sha256) = if fresh {
+        // An .xz made earlier (by `kiln build --format xz` or a previous flash) must still be
+        // this image: the BMC writes what it decompresses, not the raw file kiln checked.
+        verify_decompresses_to(&xz, img)?;
         hash_file(&xz)?
     } else {
         // The compressing pass already hashed what it wrote.
@@ -49,6 +52,39 @@ fn compress(img: &Path) -> Result<crate::publish::FileSum> {
         .next()
         .map(|(_, c)| c)
         .ok_or_else(|| anyhow::anyhow!("no .xz written for {}", img.display()))
+}
+
+/// Streams `xz` through the decoder and compares length and sha256 with `img`.
+fn verify_decompresses_to(xz: &Path, img: &Path) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let f = std::fs::File::open(xz).with_context(|| format!("opening {}", xz.display()))?;
+    let mut dec = liblzma::read::XzDecoder::new_multi_decoder(std::io::BufReader::new(f));
+    let mut h = Sha256::new();
+    let mut n: u64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = dec.read(&mut buf).with_context(|| {
+            format!(
+                "{} does not decompress (corrupt or cut); delete it and flash again to remake it",
+                xz.display()
+            )
+        })?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n = n.saturating_add(k as u64);
+    }
+    let (len, sum) = hash_file(img)?;
+    if n != len || crate::util::hex(&h.finalize()) != sum {
+        anyhow::bail!(
+            "{} does not decompress to {} ({n} bytes, expected {len} with sha256 {sum}); delete the .xz and flash again to remake it",
+            xz.display(),
+            img.display()
+        );
+    }
+    Ok(())
 }
 
 /// Length and sha256 (hex) of a file.
