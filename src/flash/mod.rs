@@ -153,20 +153,19 @@ pub(crate) fn slot_of(cfg: &Config, node: &Node) -> Result<u8> {
 pub(crate) fn check_image(cfg: &Config, node: &Node, image: &Path, force: bool) -> Result<()> {
     // A truncated image (a cut copy, a full disk) would be written to the eMMC as far as it
     // goes and leave a root partition that ends in nothing.
+    // One read of the image serves both checks (inspect hashes every boot file).
     let info = crate::image::inspect::inspect(image)?;
-    for p in &info.partitions {
-        let end = p.start.saturating_add(p.size);
-        if end > info.size {
-            bail!(
-                "{} is {} bytes, but its partition {} ({}) ends at byte {end}: the image is truncated; expected the whole image (build it again)",
-                image.display(),
-                info.size,
-                p.number,
-                p.name
-            );
-        }
+    if let Some(p) = info.partition_past_end() {
+        bail!(
+            "{} is {} bytes, but its partition {} ({}) ends at byte {}: the image is truncated; expected the whole image (build it again)",
+            image.display(),
+            info.size,
+            p.number,
+            p.name,
+            p.end()
+        );
     }
-    let id = crate::image::inspect::identity(image)?;
+    let id = info.into_identity()?;
     if id.node != node.name || id.cluster != node.cluster {
         bail!(
             "{} was built for node `{}` (cluster {}); expected an image of `{}` (cluster {})",

@@ -226,7 +226,7 @@ fn read_gpt(file: &File, size: u64, lba: u64, warnings: &mut Vec<String>) -> Res
 fn check_partitions(parts: &[PartitionInfo], size: u64, warnings: &mut Vec<String>) {
     let mut past = 0;
     for p in parts {
-        let end = p.start.saturating_add(p.size);
+        let end = p.end();
         if end > size {
             past += 1;
             if past <= MAX_WARNINGS {
@@ -425,12 +425,29 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
 
 /// The identity kiln embedded in an image (for `kiln flash` to refuse the wrong node's image).
 pub fn identity(path: &Path) -> Result<Identity> {
-    inspect(path)?.identity.ok_or_else(|| {
-        anyhow!(
-            "{}: no kiln.json on the boot partition; expected an image built by kiln",
-            path.display()
-        )
-    })
+    inspect(path)?.into_identity()
+}
+
+impl PartitionInfo {
+    /// Byte just past the partition (saturating: a hostile table cannot overflow it).
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.size)
+    }
+}
+
+impl ImageInfo {
+    /// The first partition that runs past the end of the file: the image is truncated.
+    pub fn partition_past_end(&self) -> Option<&PartitionInfo> {
+        self.partitions.iter().find(|p| p.end() > self.size)
+    }
+
+    /// The identity kiln embedded, or an error saying the image is not kiln's.
+    pub fn into_identity(self) -> Result<Identity> {
+        let image = self.image;
+        self.identity.ok_or_else(|| {
+            anyhow!("{image}: no kiln.json on the boot partition; expected an image built by kiln")
+        })
+    }
 }
 
 pub fn render_text(info: &ImageInfo) -> String {
