@@ -13,7 +13,7 @@ use crate::plan::{self, BaseInput, JoinMode, MissingArtifacts, NodePlan};
 use crate::publish::staging::{OutDir, Staging};
 use crate::publish::{self, Format, Manifest, NodeOutput, Published};
 use crate::rootfs::base::BaseScan;
-use crate::rootfs::bootstrap;
+use crate::rootfs::{self, bootstrap};
 use anyhow::{Result, anyhow, bail};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -59,11 +59,11 @@ fn plans(req: &Request, outcome: &mut Outcome) -> Result<Vec<NodePlan>> {
                         .iter()
                         .map(|s| s.split([' ', ':']).next().unwrap_or(""))
                         .collect();
-                    eprintln!(
+                    crate::progress::note(format!(
                         "skip {n}: board {} needs --artifact {}",
                         m.board,
                         what.join(", ")
-                    );
+                    ));
                     outcome.skipped.push(n.clone());
                 }
                 _ => return Err(e),
@@ -78,13 +78,15 @@ fn debian_bases(cache: &Cache, plans: &[NodePlan]) -> BTreeMap<String, Result<Pa
     let mut wanted = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for p in plans {
-        if let BaseInput::Debian(r) = &p.base
+        if let BaseInput::Debian(b) = &p.base
+            && let r = bootstrap::Recipe::of(b)
             && seen.insert(r.key())
         {
+            let r = &r;
             let cached = bootstrap::cached_path(cache, r)
                 .map(|c| c.is_file())
                 .unwrap_or(false);
-            eprintln!(
+            crate::progress::note(format!(
                 "base for {}: {}{}",
                 p.board.name(),
                 r.describe(),
@@ -93,8 +95,8 @@ fn debian_bases(cache: &Cache, plans: &[NodePlan]) -> BTreeMap<String, Result<Pa
                 } else {
                     ": building with mmdebstrap; about 12 minutes under emulation, once per recipe"
                 }
-            );
-            wanted.push((p.board.name().to_string(), (**r).clone()));
+            ));
+            wanted.push((p.board.name().to_string(), r.clone()));
         }
     }
     bootstrap::ensure_all(cache, wanted)
@@ -104,11 +106,11 @@ fn debian_bases(cache: &Cache, plans: &[NodePlan]) -> BTreeMap<String, Result<Pa
                 && !b.reused
             {
                 let size = std::fs::metadata(&b.path).map(|m| m.len()).unwrap_or(0);
-                eprintln!(
+                crate::progress::note(format!(
                     "base for {board}: built {} ({})",
                     b.path.display(),
                     human(size)
-                );
+                ));
             }
             (
                 recipe.key(),
@@ -130,7 +132,7 @@ fn k3s_for(cache: &Cache, plan: &NodePlan) -> Result<k3s::K3sFiles> {
     });
     pb.finish_and_clear();
     let f = r?;
-    eprintln!(
+    crate::progress::note(format!(
         "k3s {} for {}: {} ({}), images {} ({})",
         f.version,
         arch.debian(),
@@ -138,7 +140,7 @@ fn k3s_for(cache: &Cache, plan: &NodePlan) -> Result<k3s::K3sFiles> {
         &f.binary.sha256[..12],
         f.images.path.display(),
         &f.images.sha256[..12]
-    );
+    ));
     Ok(f)
 }
 
@@ -171,8 +173,8 @@ fn run_locked(req: &Request) -> Result<Outcome> {
     for p in plans {
         let base = match &p.base {
             BaseInput::File(f) => Ok(f.clone()),
-            BaseInput::Debian(r) => bases
-                .get(&r.key())
+            BaseInput::Debian(b) => bases
+                .get(&bootstrap::Recipe::of(b).key())
                 .cloned()
                 .unwrap_or_else(|| Err("base was not prepared".into())),
         };
@@ -217,7 +219,7 @@ fn run_locked(req: &Request) -> Result<Outcome> {
                         break;
                     };
                     let r = match inputs {
-                        Ok(inp) => image::build_node(p, inp, staging.dir()).and_then(|r| {
+                        Ok(inp) => image_node(p, inp, staging.dir()).and_then(|r| {
                             crate::cleanup::checkpoint("image")?;
                             let published = publish::publish_image(&r.path, &formats)?;
                             crate::cleanup::checkpoint("publish")?;
@@ -249,7 +251,7 @@ fn run_locked(req: &Request) -> Result<Outcome> {
                 done.push((r, published));
             }
             Err(e) => {
-                eprintln!("error: {}: {e:#}", p.node.name);
+                crate::progress::note(format!("error: {}: {e:#}", p.node.name));
                 outcome.failed.push((p.node.name.clone(), e));
             }
         }
@@ -257,15 +259,15 @@ fn run_locked(req: &Request) -> Result<Outcome> {
     if !outcome.failed.is_empty() {
         // All or nothing: the previous set stays as it was (dropping `staging` removes it).
         for (r, _) in &done {
-            eprintln!(
+            crate::progress::note(format!(
                 "{}: built, but not published: another image of this build failed",
                 r.node
-            );
+            ));
         }
-        eprintln!(
+        crate::progress::note(format!(
             "nothing in {} was replaced; the previous outputs are unchanged",
             req.out.display()
-        );
+        ));
         outcome.discarded = done.into_iter().map(|(r, _)| r.node).collect();
         return Ok(outcome);
     }
@@ -297,7 +299,7 @@ fn run_locked(req: &Request) -> Result<Outcome> {
                 human(c.size)
             ));
         }
-        println!(
+        crate::progress::result(format!(
             "{}: {} {} ({} data{extra}), kernel {}, k3s {}, {}{:.1} s",
             r.node,
             r.path.display(),
@@ -311,15 +313,24 @@ fn run_locked(req: &Request) -> Result<Outcome> {
                 ""
             },
             r.seconds
-        );
+        ));
         if let Some(a) = r.identity.firmware_advice() {
-            println!("{a}");
+            crate::progress::result(a);
         }
     }
     Ok(outcome)
 }
 
 /// One node's image and what was published from it.
+/// One node's image: its boot blobs, then the files and identity the rootfs stage makes
+/// (they record the blobs), then the image itself.
+fn image_node(p: &NodePlan, inputs: &Inputs, dir: &std::path::Path) -> Result<ImageReport> {
+    let blobs = image::read_blobs(p)?;
+    let contents =
+        rootfs::node_contents(p, &inputs.scan, &inputs.k3s, image::loader_records(&blobs))?;
+    image::build_node(p, inputs, &contents, &blobs, dir)
+}
+
 type NodeResult = Result<(ImageReport, Published)>;
 
 /// Records the inputs a node was built from, once each, for the manifest.
@@ -336,11 +347,14 @@ fn note_inputs(used: &mut Vec<publish::Input>, p: &NodePlan, i: &Inputs, r: &Ima
     }
     let base_source = match &p.base {
         BaseInput::File(f) => format!("--artifact base={}", f.display()),
-        BaseInput::Debian(recipe) => format!(
-            "mmdebstrap: {} (recipe {})",
-            recipe.describe(),
-            &recipe.key()[..16]
-        ),
+        BaseInput::Debian(b) => {
+            let recipe = bootstrap::Recipe::of(b);
+            format!(
+                "mmdebstrap: {} (recipe {})",
+                recipe.describe(),
+                &recipe.key()[..16]
+            )
+        }
     };
     let arch = p.board.spec.arch.debian();
     add(

@@ -54,10 +54,10 @@ pub fn fetch_verified(
         }
         std::fs::remove_file(&dest)
             .with_context(|| format!("removing the corrupt cache entry {}", dest.display()))?;
-        eprintln!(
+        crate::progress::note(format!(
             "warning: cache entry {} is corrupt (sha256 {got}, expected {sha256}); removed it, downloading {url} again",
             dest.display()
-        );
+        ));
     }
     let part = cache.dir("partial")?.join(format!("{sha256}.part"));
     download(url, &part, on_progress)?;

@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod k3s;
+pub mod loader;
 
 use anyhow::{Context, Result, anyhow};
 use sha2::{Digest, Sha256};

@@ -1,11 +1,9 @@
-//! Putting images on nodes: `kiln flash` (through the Turing Pi 2 BMC) and `kiln write`
-//! (onto a local disk or file).
+//! Flash stage: puts a node's image on its eMMC through the Turing Pi 2 BMC (`kiln flash`):
+//! the BMC client, its progress phases, the .xz it takes, and the wait for the node to answer.
 
 pub mod bmc;
 pub mod phase;
-pub mod tls;
 pub mod wait;
-pub mod write;
 pub mod xz;
 
 use crate::config::{self, Config, inventory::Node};
@@ -14,62 +12,42 @@ use bmc::{Bmc, FlashStatus};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// `kiln flash NODE`
-#[derive(clap::Args, Debug)]
-#[command(long_about = "Flash a node's eMMC through the Turing Pi 2 BMC.\n\n\
-Steps: check the image was built for NODE and that what of the inventory and board profile \
-went into it (its plan hash) is unchanged; make <image>.xz beside it if missing or stale; log \
-in to the BMC ([bmc] in the inventory, password from KILN_BMC_PASSWORD or a prompt); read the \
-BMC's flash status and refuse while another transfer runs (a new request would make the BMC \
-drop it); request the flash with the upload's length and sha256; stream the .xz (the BMC \
-decompresses and writes it, then reads it back), showing phase and bytes; power the node on; \
-with --wait, wait until it answers on its address. Ctrl-C cancels kiln's own transfer, never \
-another client's. A node whose flash failed is never powered on.")]
-pub struct FlashArgs {
+/// What `kiln flash NODE` asks for.
+#[derive(Debug)]
+pub struct FlashRequest {
     /// Node to flash; it needs a `slot` in the inventory.
     pub node: String,
     /// Raw image to flash [default: OUT/<node>.img].
-    #[arg(long)]
     pub image: Option<PathBuf>,
     /// Directory holding `<node>.img` (as written by `kiln build`).
-    #[arg(long, default_value = "out")]
     pub out: PathBuf,
     /// Flash even if what went into the image (the node's plan in the inventory, the board
     /// profile) has changed since it was built.
-    #[arg(long)]
     pub force: bool,
     /// Leave the node powered off after flashing.
-    #[arg(long)]
     pub no_power_on: bool,
     /// After powering on, wait until the node answers: `/ping` on 6443 for servers, SSH for
     /// agents.
-    #[arg(long)]
     pub wait: bool,
     /// Seconds `--wait` waits before giving up.
-    #[arg(long, default_value_t = 900, value_name = "SECS")]
     pub wait_timeout: u64,
-    #[command(flatten)]
-    pub bmc: BmcArgs,
+    pub bmc: BmcOptions,
 }
 
 /// How to reach the BMC (shared by `flash` and `reimage`).
-#[derive(clap::Args, Debug, Clone)]
-pub struct BmcArgs {
+#[derive(Debug, Clone)]
+pub struct BmcOptions {
     /// Accept any BMC certificate. Only used when the inventory has no `[bmc] tls_sha256`.
-    #[arg(long)]
     pub insecure: bool,
     /// Give up (and cancel) when the BMC reports no flashing progress for this many seconds.
-    #[arg(long, default_value_t = 180, value_name = "SECS")]
     pub stall_timeout: u64,
     /// Give up (and cancel its own transfer) when a flash has not finished after this many
     /// seconds, however it progresses: no slow BMC holds kiln forever. The default allows a
     /// 32 GB eMMC written and read back at about 20 MB/s.
-    #[arg(long, default_value_t = 3600, value_name = "SECS")]
     pub deadline: u64,
 }
 
@@ -80,12 +58,14 @@ fn install_ctrlc() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if let Err(e) = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst)) {
-            eprintln!("warning: Ctrl-C will not cancel the upload cleanly: {e}");
+            crate::progress::note(format!(
+                "warning: Ctrl-C will not cancel the upload cleanly: {e}"
+            ));
         }
     });
 }
 
-pub fn run_flash(inventory: &Path, boards: &Path, args: &FlashArgs) -> Result<ExitCode> {
+pub fn run_flash(inventory: &Path, boards: &Path, args: &FlashRequest) -> Result<()> {
     let cfg = config::load(inventory, boards, false)?;
     let node = lookup(&cfg, &args.node)?;
     let slot = slot_of(&cfg, node)?;
@@ -98,15 +78,15 @@ pub fn run_flash(inventory: &Path, boards: &Path, args: &FlashArgs) -> Result<Ex
     let bmc = connect(&cfg, &args.bmc)?;
     flash(&bmc, &cfg, node, slot, &xz, &args.bmc)?;
     if args.no_power_on {
-        println!("{}: left powered off (--no-power-on)", node.name);
-        return Ok(ExitCode::SUCCESS);
+        crate::progress::result(format!("{}: left powered off (--no-power-on)", node.name));
+        return Ok(());
     }
     bmc.power(slot, true)?;
-    println!("{}: powered on (slot {slot})", node.name);
+    crate::progress::result(format!("{}: powered on (slot {slot})", node.name));
     if args.wait {
         wait::online(node, Duration::from_secs(args.wait_timeout))?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 pub(crate) fn lookup<'a>(cfg: &'a Config, name: &str) -> Result<&'a Node> {
@@ -191,12 +171,12 @@ pub(crate) fn check_image(cfg: &Config, node: &Node, image: &Path, force: bool) 
             ));
         }
     } else {
-        match crate::plan_hash::of_config(cfg, node) {
+        match crate::plan::hash::of_config(cfg, node) {
             Ok(now) if now == id.plan_sha256 => {}
             // The hash covers the board profile too: tell the inventory's part apart by
             // hashing again with the image's board hash.
             Ok(_)
-                if crate::plan_hash::of_config_with_board_sha256(cfg, node, &id.board_sha256)
+                if crate::plan::hash::of_config_with_board_sha256(cfg, node, &id.board_sha256)
                     .is_ok_and(|h| h == id.plan_sha256) => {}
             Ok(_) => {
                 what.push("inventory");
@@ -234,17 +214,17 @@ pub(crate) fn check_image(cfg: &Config, node: &Node, image: &Path, force: bool) 
                 node.name
             );
         }
-        eprintln!(
+        crate::progress::note(format!(
             "warning: {} predates the current {what} ({why}); flashing anyway (--force)",
             image.display()
-        );
+        ));
     }
     Ok(())
 }
 
 /// The differences between an image's identity and the node's current settings that the
 /// identity can show (the plan hash says only that something changed).
-fn plan_changes(id: &crate::plan::Identity, cfg: &Config, node: &Node) -> Vec<String> {
+fn plan_changes(id: &crate::rootfs::identity::Identity, cfg: &Config, node: &Node) -> Vec<String> {
     let mut c = Vec::new();
     let mut diff = |what: &str, was: String, now: String| {
         if was != now {
@@ -287,7 +267,7 @@ fn plan_changes(id: &crate::plan::Identity, cfg: &Config, node: &Node) -> Vec<St
 }
 
 /// Logs in to the inventory's BMC. The password comes from `KILN_BMC_PASSWORD` or a prompt.
-pub(crate) fn connect(cfg: &Config, args: &BmcArgs) -> Result<Bmc> {
+pub(crate) fn connect(cfg: &Config, args: &BmcOptions) -> Result<Bmc> {
     let b = cfg.inventory.bmc.as_ref().ok_or_else(|| {
         anyhow!(
             "{} has no [bmc] section; expected host, user and tls_sha256 of the Turing Pi BMC",
@@ -295,7 +275,7 @@ pub(crate) fn connect(cfg: &Config, args: &BmcArgs) -> Result<Bmc> {
         )
     })?;
     let fingerprint = match (&b.tls_sha256, args.insecure) {
-        (Some(fp), _) => Some(tls::parse_fingerprint(fp)?),
+        (Some(fp), _) => Some(crate::tls::parse_fingerprint(fp)?),
         (None, true) => None,
         (None, false) => bail!(
             "[bmc] in {} has no tls_sha256; expected the SHA-256 fingerprint of the BMC's certificate \
@@ -306,7 +286,12 @@ pub(crate) fn connect(cfg: &Config, args: &BmcArgs) -> Result<Bmc> {
         ),
     };
     let password = password(&b.user, &b.host)?;
-    Bmc::login(&b.host, &b.user, &password, tls::pinned(fingerprint)?)
+    Bmc::login(
+        &b.host,
+        &b.user,
+        &password,
+        crate::tls::pinned(fingerprint)?,
+    )
 }
 
 fn password(user: &str, host: &str) -> Result<String> {
@@ -424,14 +409,14 @@ pub(crate) fn busy_message(status: &FlashStatus, nodes: &[Node], host: &str) -> 
 fn cancel_own(bmc: &Bmc, node: &Node, handle: u64) {
     match bmc.flash_status() {
         Ok(FlashStatus::Transferring { id, .. }) if id == handle => match bmc.cancel(handle) {
-            Ok(()) => eprintln!(
+            Ok(()) => crate::progress::note(format!(
                 "{}: cancelled kiln's transfer {handle} on the BMC",
                 node.name
-            ),
-            Err(e) => eprintln!(
+            )),
+            Err(e) => crate::progress::note(format!(
                 "warning: {}: cancelling kiln's transfer {handle} failed: {e:#}",
                 node.name
-            ),
+            )),
         },
         // Not running (ended, failed, already dropped) or someone else's: nothing of ours to stop.
         _ => {}
@@ -447,7 +432,7 @@ pub(crate) fn flash(
     node: &Node,
     slot: u8,
     xz: &xz::Compressed,
-    args: &BmcArgs,
+    args: &BmcOptions,
 ) -> Result<()> {
     install_ctrlc();
     let file_name = xz
@@ -470,14 +455,14 @@ pub(crate) fn flash(
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("cancelled by Ctrl-C before the flash was requested");
     }
-    println!(
+    crate::progress::result(format!(
         "{}: flashing slot {slot} with {} ({}, sha256 {}; {} once decompressed)",
         node.name,
         xz.path.display(),
         config::size::human(xz.length),
         xz.sha256,
         config::size::human(xz.image_len)
-    );
+    ));
     let handle = bmc.request_flash(slot, &file_name, xz.length, &xz.sha256)?;
     let abort = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
@@ -518,13 +503,13 @@ fn poll(
     node: &Node,
     xz: &xz::Compressed,
     sent: &AtomicU64,
-    args: &BmcArgs,
+    args: &BmcOptions,
 ) -> Result<()> {
     let stall = Duration::from_secs(args.stall_timeout);
     let deadline = Duration::from_secs(args.deadline);
     let started = Instant::now();
     let pb = crate::progress::spinner(format!("{}: flash requested", node.name));
-    let finish = |pb: &indicatif::ProgressBar| pb.finish_and_clear();
+    let finish = |pb: &crate::progress::Task| pb.finish_and_clear();
     let mut upload = Some(upload);
     let mut uploaded = false;
     let mut progress = phase::Progress::START;
@@ -571,7 +556,7 @@ fn poll(
                 let line = progress.describe(sent_now, xz.length, xz.image_len);
                 if shown != Some(progress.phase) {
                     shown = Some(progress.phase);
-                    pb.suspend(|| println!("{}: {line}", node.name));
+                    crate::progress::result(format!("{}: {line}", node.name));
                 }
                 pb.set_message(format!("{}: {line}", node.name));
                 if (progress, sent_now) != last {
@@ -581,11 +566,11 @@ fn poll(
             }
             FlashStatus::Done { .. } if uploaded || upload.is_none() => {
                 finish(&pb);
-                println!(
+                crate::progress::result(format!(
                     "{}: flashed and verified by the BMC: {} written to the eMMC and read back (CRC checked)",
                     node.name,
                     config::size::human(xz.image_len)
-                );
+                ));
                 return Ok(());
             }
             FlashStatus::Done { .. } | FlashStatus::Ready => {}

@@ -28,11 +28,11 @@ pub fn online(node: &Node, timeout: Duration) -> Result<()> {
         };
         if up {
             pb.finish_and_clear();
-            println!(
+            crate::progress::result(format!(
                 "{}: up after {:.0} s ({what})",
                 node.name,
                 start.elapsed().as_secs_f64()
-            );
+            ));
             return Ok(());
         }
         if start.elapsed() > timeout {
@@ -50,7 +50,7 @@ pub fn online(node: &Node, timeout: Duration) -> Result<()> {
 /// `GET https://addr/ping` → `pong`. The certificate is not checked: this only asks whether
 /// k3s is serving, and sends nothing secret.
 fn ping(addr: SocketAddr) -> bool {
-    let Ok(tls) = super::tls::pinned(None) else {
+    let Ok(tls) = crate::tls::pinned(None) else {
         return false;
     };
     let agent = ureq::AgentBuilder::new()

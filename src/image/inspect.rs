@@ -2,8 +2,8 @@
 //! it was built for — without mounting anything.
 
 use super::fat;
-use super::loader::LoaderRecord;
-use crate::plan::Identity;
+use crate::fetch::loader::LoaderRecord;
+use crate::rootfs::identity::Identity;
 use crate::util::Guid;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
@@ -109,6 +109,12 @@ struct Gpt {
     disk_guid: [u8; 16],
     partitions: Vec<PartitionInfo>,
     alternate_lba: u64,
+}
+
+/// Checks the primary GPT of an image or disk of `size` bytes with the same bounded reader
+/// `inspect` uses, before a table library that trusts the header's numbers reads it.
+pub fn check_gpt(file: &File, size: u64) -> Result<()> {
+    read_gpt(file, size, 1, &mut Vec::new()).map(|_| ())
 }
 
 /// Reads the GPT header at `lba` and its entries, every number range-checked before use.
@@ -397,7 +403,7 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
         .unwrap_or_default()
         .into_iter()
         .map(|r| {
-            let m = super::loader::measure(&file, r.offset, first).ok();
+            let m = crate::fetch::loader::measure(&file, r.offset, first).ok();
             LoaderInfo {
                 artifact: r.artifact.clone(),
                 offset: r.offset,

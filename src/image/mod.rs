@@ -6,7 +6,6 @@ pub mod ext4;
 pub mod fat;
 pub mod inspect;
 pub mod layout;
-pub mod loader;
 pub mod slice;
 pub mod sparse;
 pub mod table;
@@ -14,10 +13,11 @@ pub mod table;
 use crate::config::board::{Content, PartSize};
 use crate::config::size::MIB;
 use crate::fetch::k3s::K3sFiles;
-use crate::plan::{Identity, NodePlan};
-use crate::rootfs::{self, base, merge};
-use crate::secrets::Token;
-use crate::util::{AtomicFile, source_date_epoch};
+use crate::fetch::loader;
+use crate::plan::NodePlan;
+use crate::rootfs::identity::Identity;
+use crate::rootfs::{NodeContents, base, merge};
+use crate::util::AtomicFile;
 use anyhow::{Context, Result, anyhow};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -65,15 +65,20 @@ pub fn scan_base(plan: &NodePlan, base_path: &Path) -> Result<base::BaseScan> {
 }
 
 /// A blob's bytes, and for a loader where they came from.
-struct BlobData {
-    artifact: String,
-    data: Vec<u8>,
-    record: Option<loader::LoaderRecord>,
+pub struct BlobData {
+    pub artifact: String,
+    pub data: Vec<u8>,
+    pub record: Option<loader::LoaderRecord>,
+}
+
+/// The loader records of a node's blobs, for its identity.
+pub fn loader_records(blobs: &[BlobData]) -> Vec<loader::LoaderRecord> {
+    blobs.iter().filter_map(|b| b.record.clone()).collect()
 }
 
 /// Reads the board's blobs from their artifacts, in profile order, each bounded by the room
 /// between its offset and the first partition.
-fn read_blobs(plan: &NodePlan) -> Result<Vec<BlobData>> {
+pub fn read_blobs(plan: &NodePlan) -> Result<Vec<BlobData>> {
     let first = layout::first_partition_start(plan)?;
     let mut blobs = Vec::new();
     for b in &plan.board.spec.blobs {
@@ -116,57 +121,34 @@ fn read_blobs(plan: &NodePlan) -> Result<Vec<BlobData>> {
     Ok(blobs)
 }
 
-/// Builds one node's image into `out_dir/<node>.img`.
-pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<ImageReport> {
+/// Builds one node's image into `out_dir/<node>.img` from its base, the files the rootfs
+/// stage made for it (`contents`: identity, k3s, overlays, secrets) and its boot blobs.
+pub fn build_node(
+    plan: &NodePlan,
+    inputs: &Inputs,
+    contents: &NodeContents,
+    blobs: &[BlobData],
+    out_dir: &Path,
+) -> Result<ImageReport> {
     let started = Instant::now();
     let node = &plan.node.name;
     let base_path = &inputs.base;
-    let token = Token::read(&plan.token_file)?;
     let base_len = std::fs::metadata(base_path)
         .with_context(|| format!("reading base tarball {}", base_path.display()))?
         .len();
 
     // 1. The base's scan (done once per board by the caller).
     let scan = &inputs.scan;
-
-    let epoch = source_date_epoch(scan.max_mtime)?;
-    let blobs = read_blobs(plan)?;
+    let (epoch, overlay, identity) = (contents.epoch, &contents.overlay, &contents.identity);
     for r in blobs.iter().filter_map(|b| b.record.as_ref()) {
-        eprintln!(
+        crate::progress::note(format!(
             "{node}: {} from {}: {} bytes, sha256 {}",
             r.artifact,
             r.describe(),
             r.size,
             r.sha256
-        );
+        ));
     }
-    let identity = Identity {
-        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        node: node.clone(),
-        cluster: plan.node.cluster.clone(),
-        board: plan.board.name().to_string(),
-        ip: plan.node.ip,
-        role: plan.node.role,
-        bootstrap: plan.node.bootstrap,
-        slot: plan.node.slot,
-        target: plan.node.target.clone(),
-        variant: plan.node.variant.clone(),
-        firmware_settings: plan.firmware_settings(),
-        firmware_tool: plan
-            .target()
-            .filter(|t| !t.eeprom.is_empty())
-            .and(plan.board.spec.eeprom_tool.clone()),
-        inventory_sha256: plan.inventory_sha256.clone(),
-        board_sha256: plan.board.sha256.clone(),
-        base_sha256: scan.sha256.clone(),
-        build_epoch: epoch,
-        join: plan.join,
-        k3s_version: inputs.k3s.version.clone(),
-        plan_sha256: crate::plan_hash::of_plan(plan)?,
-        loaders: blobs.iter().filter_map(|b| b.record.clone()).collect(),
-    };
-    let identity_json = serde_json::to_string_pretty(&identity)? + "\n";
-    let overlay = rootfs::overlay_for(plan, &identity, &inputs.k3s, &token)?;
 
     // 2. Layout, checked before any byte is written.
     let root_spec = plan
@@ -191,7 +173,7 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
         .map(|b| (b.artifact.clone(), b.data.len() as u64))
         .collect();
     let layout = layout::place(plan, root_size, &blob_lens)?;
-    let boot_files = bootcfg::boot_files(plan, &scan.kernel, &identity_json)?;
+    let boot_files = bootcfg::boot_files(plan, &scan.kernel, &contents.identity_json)?;
 
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
@@ -216,7 +198,7 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
             label: &root.label,
             epoch,
         },
-        |stdin| merge::write_tar(base_path, &overlay, epoch, stdin, &|n| pb.set_position(n)),
+        |stdin| merge::write_tar(base_path, overlay, epoch, stdin, &|n| pb.set_position(n)),
     )?;
     pb.finish_and_clear();
 
@@ -256,7 +238,7 @@ pub fn build_node(plan: &NodePlan, inputs: &Inputs, out_dir: &Path) -> Result<Im
         allocated,
         kernel_version: scan.kernel.version.clone(),
         k3s_version: inputs.k3s.version.clone(),
-        identity,
+        identity: identity.clone(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

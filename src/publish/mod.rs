@@ -13,7 +13,7 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// Output formats. `raw` is always written; the others are added beside it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
@@ -25,6 +25,18 @@ pub enum Format {
 }
 
 impl Format {
+    pub const ALL: [Format; 4] = [Format::Raw, Format::Zst, Format::Xz, Format::Gz];
+
+    /// Its name on the command line and in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Zst => "zst",
+            Format::Xz => "xz",
+            Format::Gz => "gz",
+        }
+    }
+
     pub fn extension(self) -> Option<&'static str> {
         match self {
             Format::Raw => None,
@@ -45,6 +57,16 @@ impl Format {
         f.sort();
         f.dedup();
         f
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| format!("`{s}` is not an output format; expected raw, zst, xz or gz"))
     }
 }
 
@@ -337,12 +359,12 @@ pub struct Input {
     pub sha256: String,
     /// A boot loader: what kiln took from the file (form, compression, the loader's sha256).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub loader: Option<crate::image::loader::LoaderRecord>,
+    pub loader: Option<crate::fetch::loader::LoaderRecord>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct NodeOutput {
-    pub identity: crate::plan::Identity,
+    pub identity: crate::rootfs::identity::Identity,
     pub files: Vec<FileSum>,
     pub bmap: PathBuf,
     pub mapped_bytes: u64,

@@ -100,10 +100,10 @@ impl OutDir {
         for name in names {
             let path = self.dir.join(&name);
             if let Some(pid) = name.strip_prefix(COMMITTING) {
-                eprintln!(
+                crate::progress::note(format!(
                     "{}: a kiln build (pid {pid}) was killed while moving its outputs into place; finishing that",
                     self.dir.display()
-                );
+                ));
                 apply(&self.dir, &path).with_context(|| {
                     format!(
                         "finishing the interrupted commit in {} (remove it to give up on that set)",
@@ -112,18 +112,18 @@ impl OutDir {
                 })?;
             } else if let Some(pid) = name.strip_prefix(STAGING) {
                 remove_any(&path)?;
-                eprintln!(
+                crate::progress::note(format!(
                     "{}: removed the unfinished outputs of an interrupted kiln build (pid {pid})",
                     self.dir.display()
-                );
+                ));
             } else if let Some(pid) = partial_pid(&name)
                 && !cleanup::alive(pid)
             {
                 remove_any(&path)?;
-                eprintln!(
+                crate::progress::note(format!(
                     "{}: removed {name}, left by an interrupted kiln run (pid {pid})",
                     self.dir.display()
-                );
+                ));
             }
         }
         Ok(())

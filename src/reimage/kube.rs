@@ -165,7 +165,7 @@ impl Kube {
                 ctx.context.user
             );
         }
-        let tls = crate::flash::tls::with_ca(&ca, client)?;
+        let tls = crate::tls::with_ca(&ca, client)?;
         let agent = ureq::AgentBuilder::new()
             .tls_config(tls)
             .timeout(Duration::from_secs(30))

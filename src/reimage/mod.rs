@@ -6,16 +6,14 @@ pub mod kube;
 
 use crate::config::{self, Config, inventory::Node, inventory::Role};
 use crate::fetch::Cache;
-use crate::flash::{self, BmcArgs, bmc::Bmc};
+use crate::flash::{self, BmcOptions, bmc::Bmc};
 use crate::plan::JoinMode;
 use anyhow::{Context, Result, anyhow, bail};
-use clap::ValueEnum;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Step {
     /// Build `<out>/<node>.img` for rejoining its cluster.
     Build,
@@ -35,49 +33,58 @@ pub enum Step {
 }
 
 impl Step {
-    fn name(self) -> String {
-        self.to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default()
+    /// Every step, in the order they run.
+    pub const ALL: [Step; 6] = [
+        Step::Build,
+        Step::PowerOff,
+        Step::DeleteNode,
+        Step::Flash,
+        Step::PowerOn,
+        Step::WaitReady,
+    ];
+
+    /// Its name for `--from-step` and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Build => "build",
+            Step::PowerOff => "power-off",
+            Step::DeleteNode => "delete-node",
+            Step::Flash => "flash",
+            Step::PowerOn => "power-on",
+            Step::WaitReady => "wait-ready",
+        }
     }
 }
 
-/// `kiln reimage`
-#[derive(clap::Args, Debug)]
-#[command(
-    long_about = "Replace a failed node: rebuild, flash and rejoin it.\n\n\
-Steps (resume any of them with --from-step):\n  \
-build       build OUT/<node>.img to rejoin (first boot joins a live peer, never initialises)\n  \
-power-off   check the Node (its InternalIP must match; a server needs another Ready etcd \
-server), then power the slot off through the BMC\n  \
-delete-node servers only: with the slot confirmed off, delete the Node through the Kubernetes \
-API so k3s removes its etcd member, and wait until it is gone (agents skip this)\n  \
-flash       flash the image through the BMC (as `kiln flash`)\n  \
-power-on    power the slot on\n  \
-wait-ready  wait until the Node is Ready again\n\n\
-The kubeconfig is the cluster's `kubeconfig` in the inventory, else $KUBECONFIG."
-)]
-pub struct ReimageArgs {
+impl std::str::FromStr for Step {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Step, String> {
+        Step::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Step::ALL.iter().map(|x| x.name()).collect();
+                format!("`{s}` is not a step; expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// What `kiln reimage NODE` asks for.
+#[derive(Debug)]
+pub struct ReimageRequest {
     /// Node to reimage; it needs a `slot`.
     pub node: String,
-    /// Input files for the build step, as for `kiln build`: `uboot=u-boot-rockchip.bin`;
-    /// overrides `base=`, `k3s=`, `k3s-images=`.
-    #[arg(long = "artifact", value_name = "NAME=PATH")]
-    pub artifacts: Vec<String>,
-    #[arg(long, default_value = "out")]
+    /// Input files for the build step, as for `kiln build` (name → file).
+    pub artifacts: BTreeMap<String, PathBuf>,
     pub out: PathBuf,
     /// Start at this step (after fixing what stopped an earlier run).
-    #[arg(long, value_enum, default_value_t = Step::Build)]
     pub from_step: Step,
     /// Flash an image older than the inventory or board profile; delete the last ready etcd
     /// server's peer.
-    #[arg(long)]
     pub force: bool,
     /// Seconds to wait for the etcd member to go and for the node to become Ready.
-    #[arg(long, default_value_t = 900, value_name = "SECS")]
     pub timeout: u64,
-    #[command(flatten)]
-    pub bmc: BmcArgs,
+    pub bmc: BmcOptions,
 }
 
 /// State carried between steps.
@@ -85,7 +92,7 @@ struct Run<'a> {
     cfg: &'a Config,
     node: &'a Node,
     slot: u8,
-    args: &'a ReimageArgs,
+    args: &'a ReimageRequest,
     bmc: Option<Bmc>,
     kube: Option<kube::Kube>,
     /// The Node's boot ID before power-off: Ready with the same boot ID is the old boot.
@@ -93,9 +100,9 @@ struct Run<'a> {
     cache: Cache,
 }
 
-pub fn run(inventory: &Path, boards: &Path, cache: Cache, args: &ReimageArgs) -> Result<ExitCode> {
+pub fn run(inventory: &Path, boards: &Path, cache: Cache, args: &ReimageRequest) -> Result<()> {
     let building = args.from_step == Step::Build;
-    let artifacts = crate::cli::parse_artifacts(&args.artifacts)?;
+    let artifacts = &args.artifacts;
     let cfg = config::load(inventory, boards, building)?;
     let node = flash::lookup(&cfg, &args.node)?;
     let slot = flash::slot_of(&cfg, node)?;
@@ -109,15 +116,21 @@ pub fn run(inventory: &Path, boards: &Path, cache: Cache, args: &ReimageArgs) ->
         old_boot: None,
         cache,
     };
-    let steps = Step::value_variants();
+    let steps = Step::ALL;
     for (i, &step) in steps.iter().enumerate() {
         if step < args.from_step {
             continue;
         }
-        println!("[{}/{}] {}: {}", i + 1, steps.len(), node.name, step.name());
+        crate::progress::result(format!(
+            "[{}/{}] {}: {}",
+            i + 1,
+            steps.len(),
+            node.name,
+            step.name()
+        ));
         let started = Instant::now();
         let res = match step {
-            Step::Build => r.build(&artifacts),
+            Step::Build => r.build(artifacts),
             Step::PowerOff => r.power_off(),
             Step::DeleteNode => r.delete_node(),
             Step::Flash => r.flash(),
@@ -132,10 +145,13 @@ pub fn run(inventory: &Path, boards: &Path, cache: Cache, args: &ReimageArgs) ->
                 step.name()
             )));
         }
-        println!("      done in {:.0} s", started.elapsed().as_secs_f64());
+        crate::progress::result(format!(
+            "      done in {:.0} s",
+            started.elapsed().as_secs_f64()
+        ));
     }
-    println!("{}: reimaged and Ready", node.name);
-    Ok(ExitCode::SUCCESS)
+    crate::progress::result(format!("{}: reimaged and Ready", node.name));
+    Ok(())
 }
 
 impl Run<'_> {
@@ -218,6 +234,15 @@ impl Run<'_> {
             }
             if self.old_boot.is_none() {
                 self.old_boot = kube::boot_id(n);
+                // Kept for a run resumed at a later step, which never sees the old boot.
+                if let Some(id) = &self.old_boot {
+                    let path = self.boot_record();
+                    std::fs::create_dir_all(&self.args.out)
+                        .and_then(|()| std::fs::write(&path, format!("{id}\n")))
+                        .with_context(|| {
+                            format!("recording the old boot ID in {}", path.display())
+                        })?;
+                }
             }
         }
         Ok(existing)
@@ -262,11 +287,11 @@ impl Run<'_> {
         let timeout = Duration::from_secs(self.args.timeout);
         let existing = self.existing_node()?;
         if self.node.role == Role::Agent {
-            println!("      skipped: agents have no etcd member");
+            crate::progress::result("      skipped: agents have no etcd member");
             return Ok(());
         }
         let Some(_) = existing else {
-            println!("      Node {name} is already gone");
+            crate::progress::result(format!("      Node {name} is already gone"));
             return Ok(());
         };
         self.check_peers()?;
@@ -298,7 +323,7 @@ impl Run<'_> {
             std::thread::sleep(Duration::from_secs(2));
         }
         pb.finish_and_clear();
-        println!("      Node {name} and its etcd member are gone");
+        crate::progress::result(format!("      Node {name} and its etcd member are gone"));
         Ok(())
     }
 
@@ -324,25 +349,50 @@ impl Run<'_> {
         flash::flash(b, cfg, node, slot, &xz, &bmc_args)
     }
 
+    /// Where the Node's boot ID before the reimage is kept between runs.
+    fn boot_record(&self) -> PathBuf {
+        self.args
+            .out
+            .join(format!(".{}.reimage-old-boot-id", self.node.name))
+    }
+
     fn wait_ready(&mut self) -> Result<()> {
         let name = self.node.name.clone();
-        let old = self.old_boot.clone();
+        // A resumed run (`--from-step flash` and later) takes the boot ID an earlier run saw.
+        let old = self.old_boot.clone().or_else(|| {
+            std::fs::read_to_string(self.boot_record())
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        });
         let timeout = Duration::from_secs(self.args.timeout);
         let k = self.kube()?;
         let start = Instant::now();
         let pb = crate::progress::spinner(format!("{name}: waiting for the Node to be Ready"));
         loop {
-            if let Some(n) = k.node(&name)?
-                && kube::is_ready(&n)
-                && (old.is_none() || kube::boot_id(&n) != old)
+            let seen = k.node(&name)?;
+            if let Some(n) = &seen
+                && kube::is_ready(n)
+                && (old.is_none() || kube::boot_id(n) != old)
             {
                 pb.finish_and_clear();
+                let _ = std::fs::remove_file(self.boot_record());
                 return Ok(());
             }
             if start.elapsed() > timeout {
                 pb.finish_and_clear();
+                // A Node that kept its object (an agent's is never deleted) stays Ready with
+                // the old boot ID until the new kubelet reports: that is not the new image.
+                let last = match &seen {
+                    None => "no Node of that name is registered".to_string(),
+                    Some(n) if !kube::is_ready(n) => "the Node is not Ready".to_string(),
+                    Some(n) => format!(
+                        "the Node is Ready but still reports the old boot ID {} (the boot before the flash)",
+                        kube::boot_id(n).unwrap_or_default()
+                    ),
+                };
                 bail!(
-                    "Node {name} is not Ready after {} s; expected the new boot to join (watch the console: tpi uart -n {} get)",
+                    "Node {name} is not Ready with a new boot after {} s: {last}; expected the new boot to join (watch the console: tpi uart -n {} get)",
                     timeout.as_secs(),
                     self.slot
                 );

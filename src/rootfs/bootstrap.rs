@@ -3,11 +3,11 @@
 
 use crate::config::board::{Arch, DebianRecipe};
 use crate::fetch::Cache;
+use crate::tool::Tool;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// Bumped when the way kiln drives mmdebstrap changes, so old cached bases are not reused.
@@ -61,6 +61,11 @@ impl Recipe {
             mirror: mirror.map(str::to_string),
             customize_hook: CUSTOMIZE_HOOK,
         }
+    }
+
+    /// The recipe of a base the plan asks for.
+    pub fn of(base: &crate::plan::DebianBase) -> Recipe {
+        Recipe::new(base.arch, &base.debian, base.mirror.as_deref())
     }
 
     pub fn key(&self) -> String {
@@ -260,58 +265,20 @@ pub fn ensure(cache: &Cache, recipe: &Recipe, on_line: &dyn Fn(&str)) -> Result<
         dir.join(format!("{key}.json")),
         serde_json::to_string_pretty(recipe)? + "\n",
     )?;
-    let argv = recipe.argv(&tmp);
-    writeln!(log, "# mmdebstrap {}", argv.join(" "))?;
     let started = Instant::now();
-    let mut child = Command::new("mmdebstrap")
-        .args(&argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting mmdebstrap")?;
-    // Registered after `_remove_tmp`, so run before it; dropped once the child is reaped (its
-    // pid could be reused after that).
-    let pid = child.id().to_string();
-    let stop_child = crate::cleanup::on_interrupt(move || {
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    });
-    // mmdebstrap reports on stderr; stdout is drained by a thread so neither pipe fills.
-    let mut stdout = child.stdout.take();
-    let drain = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(o) = stdout.as_mut() {
-            let _ = std::io::Read::read_to_end(o, &mut s);
+    let run = Tool::new(
+        &format!("mmdebstrap, building {}", recipe.describe()),
+        "mmdebstrap",
+    )
+    .args(recipe.argv(&tmp))
+    .run_logged(&mut log, &log_path, &|line| {
+        if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
+            on_line(line);
         }
-        s
     });
-    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    if let Some(err) = child.stderr.take() {
-        for line in BufReader::new(err).lines() {
-            let line = line.unwrap_or_default();
-            let _ = writeln!(log, "{line}");
-            if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
-                on_line(&line);
-            }
-            tail.push_back(line);
-            if tail.len() > 25 {
-                tail.pop_front();
-            }
-        }
-    }
-    let status = child.wait().context("waiting for mmdebstrap");
-    drop(stop_child);
-    let status = status?;
-    let out = drain.join().unwrap_or_default();
-    let _ = log.write_all(&out);
-    if !status.success() {
+    if let Err(e) = run {
         let _ = std::fs::remove_file(&tmp);
-        return Err(anyhow!(
-            "mmdebstrap failed ({status}) building {}; last lines:\n  {}\nfull log: {}",
-            recipe.describe(),
-            Vec::from(tail).join("\n  "),
-            log_path.display()
-        ));
+        return Err(e);
     }
     std::fs::rename(&tmp, &dest)
         .with_context(|| format!("moving the base into {}", dest.display()))?;
@@ -339,10 +306,10 @@ fn sweep_partials(dir: &Path) {
             && !crate::cleanup::alive(pid)
             && std::fs::remove_file(e.path()).is_ok()
         {
-            eprintln!(
+            crate::progress::note(format!(
                 "removed {}, left by an interrupted kiln run",
                 e.path().display()
-            );
+            ));
         }
     }
 }
@@ -354,7 +321,6 @@ pub fn ensure_all(
     cache: &Cache,
     wanted: Vec<(String, Recipe)>,
 ) -> Vec<(String, Recipe, Result<CachedBase>)> {
-    let mp = indicatif::MultiProgress::new();
     let unique: Vec<(String, Recipe)> = {
         let mut seen = std::collections::HashSet::new();
         wanted
@@ -367,7 +333,7 @@ pub fn ensure_all(
         let handles: Vec<_> = unique
             .iter()
             .map(|(board, recipe)| {
-                let pb = mp.add(crate::progress::spinner(format!("{board}: mmdebstrap")));
+                let pb = crate::progress::spinner(format!("{board}: mmdebstrap"));
                 s.spawn(move || {
                     let r = ensure(cache, recipe, &|l| pb.set_message(format!("{board}: {l}")));
                     pb.finish_and_clear();
@@ -411,7 +377,7 @@ mod tests {
     fn unfinished_bases_of_gone_runs_are_swept_and_live_ones_kept() {
         let dir = std::env::temp_dir().join(format!("kiln-sweep-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut gone = Command::new("true").spawn().unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
         let dead = gone.id();
         gone.wait().unwrap();
         let stale = dir.join(format!(".abc.partial-{dead}.tar.zst"));

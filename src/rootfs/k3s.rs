@@ -1,9 +1,9 @@
 //! k3s as its install script would lay it out, airgapped: the binary and its tool links, the
 //! airgap images where k3s imports them at start, and the systemd unit for the node's role.
 
-use super::tree::Tree;
 use crate::config::inventory::Role;
 use crate::fetch::k3s::K3sFiles;
+use crate::tree::Tree;
 use anyhow::Result;
 
 pub const BIN: &str = "usr/local/bin/k3s";

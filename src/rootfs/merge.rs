@@ -2,7 +2,7 @@
 //! Nothing is extracted to the host, so ownership, modes and device nodes survive without root.
 
 use super::base;
-use super::tree::{Kind, Tree};
+use crate::tree::{Kind, Tree};
 use anyhow::{Context, Result, anyhow};
 use std::collections::{BTreeSet, HashSet};
 use std::io::{Read, Write};
@@ -156,7 +156,7 @@ pub fn write_tar<W: Write>(
 fn append_entry<W: Write>(
     builder: &mut tar::Builder<W>,
     path: &str,
-    e: &super::tree::Entry,
+    e: &crate::tree::Entry,
     mtime: u64,
 ) -> Result<()> {
     let mut h = tar::Header::new_gnu();
@@ -219,7 +219,7 @@ fn ensure_parents<W: Write>(
         p = parent;
     }
     for dir in missing.into_iter().rev() {
-        let e = super::tree::Entry {
+        let e = crate::tree::Entry {
             kind: Kind::Dir,
             mode: 0o755,
             uid: 0,

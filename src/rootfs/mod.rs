@@ -2,16 +2,57 @@
 
 pub mod base;
 pub mod bootstrap;
+pub mod identity;
 pub mod k3s;
 pub mod merge;
 pub mod node;
-pub mod tree;
 
 use crate::fetch::k3s::K3sFiles;
-use crate::plan::{Identity, NodePlan};
+use crate::fetch::loader::LoaderRecord;
+use crate::plan::NodePlan;
 use crate::secrets::Token;
+use crate::tree::Tree;
 use anyhow::Result;
-use tree::Tree;
+use identity::Identity;
+
+/// What this stage makes for one node, on top of its base: the files (k3s, overlays, the
+/// node's own files and secrets) and the identity they record. The image stage only writes it.
+pub struct NodeContents {
+    pub identity: Identity,
+    /// `identity` as written to `/etc/kiln/node.json` and the boot partition's `kiln.json`.
+    pub identity_json: String,
+    pub overlay: Tree,
+    /// Unix time every file is stamped with (SOURCE_DATE_EPOCH or the base's newest file).
+    pub epoch: u64,
+}
+
+/// Reads the node's cluster token and makes its identity and files.
+pub fn node_contents(
+    plan: &NodePlan,
+    scan: &base::BaseScan,
+    k3s: &K3sFiles,
+    loaders: Vec<LoaderRecord>,
+) -> Result<NodeContents> {
+    let token = Token::read(&plan.token_file)?;
+    let epoch = crate::util::source_date_epoch(scan.max_mtime)?;
+    let identity = identity::of(
+        plan,
+        identity::Resolved {
+            base_sha256: &scan.sha256,
+            epoch,
+            k3s_version: &k3s.version,
+            loaders,
+        },
+    )?;
+    let identity_json = serde_json::to_string_pretty(&identity)? + "\n";
+    let overlay = overlay_for(plan, &identity, k3s, &token)?;
+    Ok(NodeContents {
+        identity,
+        identity_json,
+        overlay,
+        epoch,
+    })
+}
 
 /// Everything kiln adds on top of the base, in the order it applies: k3s, repository overlays
 /// (inventory order), then the node's own files, which always win.

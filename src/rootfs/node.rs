@@ -1,10 +1,11 @@
 //! Per-node files: identity, hosts, the static ServerLAN address, root's SSH keys, the
 //! cluster secrets (root-only), the clock floor, and first boot with its join inputs.
 
-use super::tree::Tree;
+use super::identity::Identity;
 use crate::config::inventory::Role;
-use crate::plan::{Identity, NodePlan};
+use crate::plan::NodePlan;
 use crate::secrets::Token;
+use crate::tree::Tree;
 use anyhow::Result;
 
 const FIRSTBOOT_SH: &str = include_str!("../../firstboot/kiln-firstboot.sh");

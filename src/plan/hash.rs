@@ -17,7 +17,7 @@
 use crate::config::Config;
 use crate::config::inventory::{K3s, Network, Node};
 use crate::plan::NodePlan;
-use crate::rootfs::tree::{Kind, Tree};
+use crate::tree::{Kind, Tree};
 use anyhow::{Context, Result, anyhow};
 use serde::Serialize;
 use sha2::{Digest, Sha256};

@@ -13,37 +13,23 @@ use anyhow::{Context, Result, anyhow, bail};
 use rustix::fs::{Advice, FallocateFlags, fadvise, fallocate};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 const CHUNK: usize = 4 << 20;
 const SECTOR: u64 = 512;
 
-/// `kiln write`
-#[derive(clap::Args, Debug)]
-#[command(
-    long_about = "Write a raw image to a disk (NVMe, SD card, USB stick) or a file.\n\n\
-Steps: refuse a device that is mounted, in use, holds `/`, or is smaller than the image; ask \
-for confirmation (unless --yes; with stdin not a terminal, refuse before touching the target); \
-zero the first MiB, write everything after it, sync, then write the first MiB, so an \
-interrupted write never boots; read the device back and compare its sha256 with the image's; \
-on a larger disk, move the GPT backup header to the disk's end. On any error, Ctrl-C or \
-SIGTERM the first MiB is zeroed again. With --bmap (or when the target is a new, empty file) \
-only the image's data ranges are copied and the rest is zeroed on the device instead of \
-written."
-)]
-pub struct WriteArgs {
+/// What `kiln write IMAGE DEVICE` asks for.
+#[derive(Debug)]
+pub struct WriteRequest {
     /// Raw image (`kiln build` output, `<node>.img`).
     pub image: PathBuf,
     /// Target block device (e.g. /dev/nvme0n1, /dev/sdb) or an existing file.
     pub device: PathBuf,
     /// Do not ask for confirmation.
-    #[arg(long)]
     pub yes: bool,
     /// Copy only the image's data ranges and zero the holes on the device (fast on SSDs).
-    #[arg(long)]
     pub bmap: bool,
 }
 
@@ -56,14 +42,16 @@ struct Target {
     zeroed: bool,
 }
 
-pub fn run_write(args: &WriteArgs) -> Result<ExitCode> {
-    // Nobody can answer the question: refuse before even opening the target.
-    if !args.yes && !std::io::stdin().is_terminal() {
-        bail!(
-            "refusing to overwrite {} without confirmation; pass --yes (stdin is not a terminal)",
-            args.device.display()
-        );
-    }
+/// What the user is asked before anything is written (unless `--yes`).
+pub struct Question<'a> {
+    pub target: &'a Path,
+    pub target_size: u64,
+    pub image: &'a Path,
+}
+
+/// Writes and verifies. `confirm` is asked once the target is known to be usable and before
+/// its first byte changes; `false` stops with nothing written.
+pub fn run_write(args: &WriteRequest, confirm: &dyn Fn(&Question) -> Result<bool>) -> Result<()> {
     let image = File::open(&args.image)
         .with_context(|| format!("opening image {}", args.image.display()))?;
     let img_len = image
@@ -87,7 +75,14 @@ pub fn run_write(args: &WriteArgs) -> Result<ExitCode> {
         );
     }
     if !args.yes {
-        confirm(&target, &args.image)?;
+        let q = Question {
+            target: &target.path,
+            target_size: target.size,
+            image: &args.image,
+        };
+        if !confirm(&q)? {
+            bail!("not confirmed; nothing was written");
+        }
     }
     let bmap = args.bmap || target.zeroed;
     let ranges = if bmap {
@@ -104,14 +99,14 @@ pub fn run_write(args: &WriteArgs) -> Result<ExitCode> {
         .with_context(|| format!("opening {} again", target.path.display()))?;
     let wipe_path = target.path.clone();
     let _on_interrupt = crate::cleanup::on_interrupt(move || match wipe(&wipe_file, head) {
-        Ok(()) => eprintln!(
+        Ok(()) => crate::progress::note(format!(
             "interrupted: zeroed the first MiB of {} so the partly written disk does not boot; run kiln write again",
             wipe_path.display()
-        ),
-        Err(e) => eprintln!(
+        )),
+        Err(e) => crate::progress::note(format!(
             "interrupted, and zeroing the first MiB of {} failed too ({e}); do not boot from it",
             wipe_path.display()
-        ),
+        )),
     });
     let written = (|| {
         if target.zeroed {
@@ -144,21 +139,21 @@ pub fn run_write(args: &WriteArgs) -> Result<ExitCode> {
             )),
         });
     }
-    println!(
+    crate::progress::result(format!(
         "wrote {} to {} ({}{}), verified",
         args.image.display(),
         target.path.display(),
         human(img_len),
         if bmap { ", mapped ranges only" } else { "" }
-    );
+    ));
     // A kiln image names its target's one-time firmware settings (the Pi 5's boot order);
     // an image from elsewhere has no identity, and that is fine here.
     if let Ok(id) = crate::image::inspect::identity(&args.image)
         && let Some(a) = id.firmware_advice()
     {
-        println!("{a}");
+        crate::progress::result(a);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn open_target(device: &Path, image: &Path, img_len: u64) -> Result<Target> {
@@ -218,28 +213,6 @@ fn open_target(device: &Path, image: &Path, img_len: u64) -> Result<Target> {
     }
 }
 
-fn confirm(t: &Target, image: &Path) -> Result<()> {
-    if !std::io::stdin().is_terminal() {
-        bail!(
-            "refusing to overwrite {} without confirmation; pass --yes (stdin is not a terminal)",
-            t.path.display()
-        );
-    }
-    eprint!(
-        "This erases {} ({}) and writes {} onto it. Type `yes` to continue: ",
-        t.path.display(),
-        human(t.size),
-        image.display()
-    );
-    std::io::stderr().flush()?;
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
-    if line.trim() != "yes" {
-        bail!("not confirmed; nothing was written");
-    }
-    Ok(())
-}
-
 /// Zeroes `[off, off+len)` on the target without writing buffers where the kernel can.
 fn zero(t: &Target, off: u64, len: u64) -> Result<()> {
     let flags = if t.block {
@@ -268,7 +241,7 @@ fn copy_range(
     off: u64,
     len: u64,
     buf: &mut [u8],
-    pb: &indicatif::ProgressBar,
+    pb: &crate::progress::Task,
 ) -> Result<()> {
     let mut pos = off;
     while pos < off + len {
@@ -409,6 +382,15 @@ fn grow_gpt(t: &Target, img_len: u64) -> Result<()> {
     let mut mbr = [0u8; 512];
     t.file.read_exact_at(&mut mbr, 0)?;
     if mbr[446 + 4] != 0xee {
+        return Ok(());
+    }
+    // gptman allocates what the header claims: only a GPT that passes the bounded check is
+    // handed to it. The disk already holds the image byte for byte; only the backup stays put.
+    if let Err(e) = crate::image::inspect::check_gpt(&t.file, img_len) {
+        crate::progress::note(format!(
+            "warning: {}: the image's GPT does not check out ({e:#}); its backup header was left where the image has it",
+            t.path.display()
+        ));
         return Ok(());
     }
     let mut f = &t.file;

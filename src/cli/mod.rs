@@ -1,4 +1,8 @@
 //! Command line: parse, call one stage, print results once. Errors go to stderr, non-zero exit.
+//! The stages report progress as events; `render` draws them.
+
+pub mod args;
+pub mod render;
 
 use crate::config::{self, Config};
 use crate::fetch::Cache;
@@ -7,6 +11,7 @@ use crate::plan;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -64,8 +69,8 @@ enum Cmd {
         rejoin: bool,
         /// Outputs beside the raw `<node>.img` (repeatable): `zst`, `xz` (for the Turing Pi
         /// BMC), `gz`; `raw` alone adds none [default: raw + zst].
-        #[arg(long = "format", value_enum, value_name = "FORMAT")]
-        formats: Vec<crate::publish::Format>,
+        #[arg(long = "format", value_name = "FORMAT", value_parser = format_names())]
+        formats: Vec<String>,
     },
     /// Build (or show) the cached Debian base of each board's recipe.
     Base {
@@ -80,11 +85,11 @@ enum Cmd {
         json: bool,
     },
     /// Flash a node's eMMC through the Turing Pi 2 BMC, then power it on.
-    Flash(crate::flash::FlashArgs),
+    Flash(args::FlashArgs),
     /// Write an image to a disk (NVMe, SD, USB) or a file, then verify it.
-    Write(crate::flash::write::WriteArgs),
+    Write(args::WriteArgs),
     /// Replace a failed node: build, remove from etcd, flash, power on, wait until Ready.
-    Reimage(crate::reimage::ReimageArgs),
+    Reimage(args::ReimageArgs),
     /// Cluster token files.
     Secrets {
         #[command(subcommand)]
@@ -98,8 +103,13 @@ enum SecretsCmd {
     Init,
 }
 
+fn format_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(crate::publish::Format::ALL.map(|f| f.name()))
+}
+
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
+    crate::progress::set_observer(Box::new(render::Render::new()));
     let boards_dir = cli
         .boards
         .clone()
@@ -166,6 +176,11 @@ pub fn run() -> Result<ExitCode> {
             formats,
         } => {
             let supplied = parse_artifacts(&artifacts)?;
+            let formats = formats
+                .iter()
+                .map(|f| f.parse())
+                .collect::<Result<Vec<crate::publish::Format>, String>>()
+                .map_err(anyhow::Error::msg)?;
             let Some(cfg) = load(&cli.inventory, &boards_dir, true) else {
                 return Ok(ExitCode::from(1));
             };
@@ -261,14 +276,27 @@ pub fn run() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Flash(a) => crate::flash::run_flash(&cli.inventory, &boards_dir, &a),
-        Cmd::Write(a) => crate::flash::write::run_write(&a),
-        Cmd::Reimage(a) => crate::reimage::run(
-            &cli.inventory,
-            &boards_dir,
-            Cache::locate(cli.cache_dir.as_deref())?,
-            &a,
-        ),
+        Cmd::Flash(a) => {
+            crate::flash::run_flash(&cli.inventory, &boards_dir, &a.into())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Write(a) => {
+            // Nobody can answer the question: refuse before even opening the target.
+            if !a.yes && !std::io::stdin().is_terminal() {
+                bail!(
+                    "refusing to overwrite {} without confirmation; pass --yes (stdin is not a terminal)",
+                    a.device.display()
+                );
+            }
+            crate::write::run_write(&a.into(), &ask)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Reimage(a) => {
+            let req = a.into_request()?;
+            let cache = Cache::locate(cli.cache_dir.as_deref())?;
+            crate::reimage::run(&cli.inventory, &boards_dir, cache, &req)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Secrets {
             cmd: SecretsCmd::Init,
         } => {
@@ -284,6 +312,20 @@ pub fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `kiln write`'s question, on the terminal.
+fn ask(q: &crate::write::Question) -> Result<bool> {
+    eprint!(
+        "This erases {} ({}) and writes {} onto it. Type `yes` to continue: ",
+        q.target.display(),
+        crate::config::size::human(q.target_size),
+        q.image.display()
+    );
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim() == "yes")
 }
 
 /// Loads the configuration, printing every diagnostic to stderr on failure.

@@ -1,11 +1,12 @@
 //! Plan stage: a pure function from the validated configuration to what one node's image holds
 //! (identity, derived identifiers, the artifacts it needs). Nothing here touches the disk image.
 
+pub mod hash;
+
 use crate::config::Config;
-use crate::config::board::{Board, TableKind};
+use crate::config::board::{Arch, Board, DebianRecipe, TableKind};
 use crate::config::board::{TargetSpec, VariantSpec};
 use crate::config::inventory::{K3s, Network, Node, Role};
-use crate::rootfs::bootstrap::Recipe;
 use crate::util::Guid;
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -75,7 +76,17 @@ pub enum BaseInput {
     /// `--artifact base=`.
     File(PathBuf),
     /// Built by mmdebstrap from the board's recipe (cached); boxed, as the recipe is large.
-    Debian(Box<Recipe>),
+    Debian(Box<DebianBase>),
+}
+
+/// A Debian base to make: the board's `[debian]` recipe for its architecture, from the
+/// inventory's mirror (`None`: mmdebstrap's default). The rootfs stage turns it into an
+/// mmdebstrap run and a cache key (`rootfs::bootstrap::Recipe`).
+#[derive(Debug, Clone)]
+pub struct DebianBase {
+    pub arch: Arch,
+    pub debian: DebianRecipe,
+    pub mirror: Option<String>,
 }
 
 /// Where k3s comes from: the release, with either file overridden by `--artifact`.
@@ -84,72 +95,6 @@ pub struct K3sInput {
     pub release: Option<K3s>,
     pub binary: Option<PathBuf>,
     pub images: Option<PathBuf>,
-}
-
-/// The identity kiln embeds in every image (boot partition `kiln.json` and `/etc/kiln/node.json`).
-/// Holds no secrets: it sits on the FAT partition.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct Identity {
-    pub kiln_version: String,
-    pub node: String,
-    pub cluster: String,
-    pub board: String,
-    pub ip: Ipv4Addr,
-    pub role: Role,
-    pub bootstrap: bool,
-    pub slot: Option<u8>,
-    /// The storage device it boots from (a `[target.*]` of its board).
-    pub target: String,
-    /// The board revision (`[variant.*]`), if the node names one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-    /// One-time firmware settings its target needs (the Pi 5's EEPROM), for `kiln write`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub firmware_settings: Vec<String>,
-    /// The command that sets them (the board's `eeprom_tool`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub firmware_tool: Option<String>,
-    pub inventory_sha256: String,
-    pub board_sha256: String,
-    pub base_sha256: String,
-    /// Unix time the image content is stamped with (SOURCE_DATE_EPOCH or the base's newest file).
-    pub build_epoch: u64,
-    /// `init` or `rejoin` (`kiln build --rejoin`, every reimage).
-    #[serde(default)]
-    pub join: JoinMode,
-    /// k3s release tag, or `custom` for `--artifact k3s=`.
-    #[serde(default)]
-    pub k3s_version: String,
-    /// sha256 of what of the configuration went into this node's image (`crate::plan_hash`):
-    /// `kiln flash` compares it with the current plan. Empty in images from older kilns.
-    #[serde(default)]
-    pub plan_sha256: String,
-    /// Boot loaders written at fixed offsets (the RK1's U-Boot): file, form, sha256.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub loaders: Vec<crate::image::loader::LoaderRecord>,
-}
-
-impl Identity {
-    /// What the user must set once on the board before this image boots from its target, or
-    /// `None` when nothing is needed.
-    pub fn firmware_advice(&self) -> Option<String> {
-        if self.firmware_settings.is_empty() {
-            return None;
-        }
-        let mut s = format!(
-            "{}: to boot from {}, this board needs these settings once (an image cannot set them); run `{}` on it and set:",
-            self.node,
-            self.target,
-            self.firmware_tool
-                .as_deref()
-                .unwrap_or("the board's firmware tool"),
-        );
-        for l in &self.firmware_settings {
-            s.push_str("\n    ");
-            s.push_str(l);
-        }
-        Some(s)
-    }
 }
 
 /// Everything needed to write one node's image.
@@ -249,11 +194,11 @@ pub fn plan_node(
     let mut missing = Vec::new();
     let base = match (supplied.get("base"), &board.spec.debian) {
         (Some(p), _) => Some(BaseInput::File(p.clone())),
-        (None, Some(recipe)) => Some(BaseInput::Debian(Box::new(Recipe::new(
-            board.spec.arch,
-            recipe,
-            inv.debian.mirror.as_deref(),
-        )))),
+        (None, Some(recipe)) => Some(BaseInput::Debian(Box::new(DebianBase {
+            arch: board.spec.arch,
+            debian: recipe.clone(),
+            mirror: inv.debian.mirror.clone(),
+        }))),
         (None, None) => {
             missing.push(format!(
                 "base (root filesystem): pass --artifact base=ROOTFS.tar[.gz|.zst]; {BASE_SOURCE}"
