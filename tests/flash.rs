@@ -628,12 +628,12 @@ fn kiln_never_cancels_a_transfer_that_replaced_its_own() {
         .unwrap();
     let ours = wait_for_transfer(&bmc, None);
     // Another client asks the BMC to flash slot 2: bmcd drops kiln's transfer for it.
-    let fp = kiln::flash::tls::parse_fingerprint(&bmc.cert.sha256_colons).unwrap();
+    let fp = kiln::tls::parse_fingerprint(&bmc.cert.sha256_colons).unwrap();
     let client = kiln::flash::bmc::Bmc::login(
         &bmc.addr.to_string(),
         USER,
         PASSWORD,
-        kiln::flash::tls::pinned(Some(fp)).unwrap(),
+        kiln::tls::pinned(Some(fp)).unwrap(),
     )
     .unwrap();
     let theirs = client
@@ -750,12 +750,12 @@ fn the_test_bmc_like_bmcd_drops_a_running_transfer_and_cancels_all() {
     // Cancel stops the running transfer even when it names another handle.
     let c = tpi_flash(&bmc, &ws, 1, &xz1);
     let c_id = wait_for_transfer(&bmc, Some(b_id));
-    let fp = kiln::flash::tls::parse_fingerprint(&bmc.cert.sha256_colons).unwrap();
+    let fp = kiln::tls::parse_fingerprint(&bmc.cert.sha256_colons).unwrap();
     let client = kiln::flash::bmc::Bmc::login(
         &bmc.addr.to_string(),
         USER,
         PASSWORD,
-        kiln::flash::tls::pinned(Some(fp)).unwrap(),
+        kiln::tls::pinned(Some(fp)).unwrap(),
     )
     .unwrap();
     client.cancel(c_id + 1).unwrap();

@@ -870,7 +870,7 @@ fn mutate_toml(text: &str, rng: &mut Rng) -> String {
 #[test]
 fn no_panic_on_mangled_board_profiles() {
     let ws = Workspace::new("mangle-boards");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + fuzz_budget(20);
     let mut rng = Rng(0x5eed_b0a4d);
     let mut cases = 0;
     let mut errors = 0;
@@ -909,8 +909,61 @@ fn no_panic_on_mangled_board_profiles() {
             cases += 1;
         }
     }
+    eprintln!("board profiles: {cases} cases, {errors} refused");
     assert!(cases >= 200, "only {cases} cases ran");
     assert!(errors * 2 > cases, "mangling should break most profiles");
+}
+
+/// How long each in-process mutation loop may run: `KILN_FUZZ_SECS` (for a longer run by
+/// hand), else the CI budget.
+fn fuzz_budget(default_secs: u64) -> Duration {
+    let secs = std::env::var("KILN_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_secs);
+    Duration::from_secs(secs)
+}
+
+/// Inventories mangled thousands of times, in-process, against the shipped board profiles:
+/// each loads or gives diagnostics that name a field; none panics or is slow.
+#[test]
+fn no_panic_on_mangled_inventories() {
+    let ws = Workspace::new("mangle-inventory");
+    let deadline = Instant::now() + fuzz_budget(15);
+    let mut rng = Rng(0x1a7e_0b0b);
+    let text = std::fs::read_to_string(ws.path("kiln.toml")).unwrap();
+    let path = ws.path("mangled.toml");
+    let boards = ws.path("boards");
+    let (mut cases, mut errors) = (0, 0);
+    while Instant::now() < deadline && cases < 5000 {
+        let mut t = text.clone();
+        for _ in 0..=rng.below(3) {
+            t = mutate_toml(&t, &mut rng);
+        }
+        std::fs::write(&path, &t).unwrap();
+        let started = Instant::now();
+        let r = std::panic::catch_unwind(|| kiln::config::load(&path, &boards, false));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "slow inventory:\n{t}"
+        );
+        match r {
+            Err(_) => panic!("inventory loader panicked on:\n{t}"),
+            Ok(Ok(_)) => {}
+            Ok(Err(d)) => {
+                assert!(!d.0.is_empty());
+                for x in &d.0 {
+                    assert!(!x.message.is_empty() && !x.field.is_empty(), "{x}");
+                    assert_ne!(x.field, "document", "no field path for {x} in:\n{t}");
+                }
+                errors += 1;
+            }
+        }
+        cases += 1;
+    }
+    eprintln!("inventories: {cases} cases, {errors} refused");
+    assert!(cases >= 200, "only {cases} cases ran");
+    assert!(errors * 3 > cases, "mangling should break many inventories");
 }
 
 /// The binary, end to end: mangled inventories and profiles through `kiln check`, each with a
@@ -945,6 +998,7 @@ fn kiln_check_never_panics_or_hangs_on_mangled_input() {
         std::fs::write(ws.path(files[k]), &orig[k]).unwrap();
         cases += 1;
     }
+    eprintln!("kiln check: {cases} cases");
     assert!(cases >= 30, "only {cases} cases ran");
 }
 
@@ -970,10 +1024,10 @@ fn kiln_inspect_never_panics_or_hangs_on_mangled_images() {
         (b.fat, 64 << 10),
         (root_dir, b.cluster),
     ];
-    let deadline = Instant::now() + Duration::from_secs(25);
+    let deadline = Instant::now() + fuzz_budget(25);
     let mut rng = Rng(0xfa7_1dea);
     let mut cases = 0;
-    while Instant::now() < deadline && cases < 300 {
+    while Instant::now() < deadline && cases < 2000 {
         let (start, len) = regions[rng.below(regions.len())];
         let mut edits = Vec::new();
         for _ in 0..=rng.below(8) {
@@ -1003,23 +1057,41 @@ fn kiln_inspect_never_panics_or_hangs_on_mangled_images() {
             f.write_all_at(&h, 512).unwrap();
             edits.push((512, old_h.to_vec()));
         }
-        let o = run_bounded(
-            kiln_cmd(&ws, &["inspect", b.img.to_str().unwrap()]),
-            Duration::from_secs(20),
-            "kiln inspect",
-        );
+        // In-process every time (the parsers themselves, fast); through the binary every
+        // fourth case (exit status and output on top).
+        let started = Instant::now();
+        let r = std::panic::catch_unwind(|| {
+            kiln::image::inspect::inspect(&b.img).map(|i| kiln::image::inspect::render_text(&i))
+        });
+        let at: Vec<u64> = edits.iter().map(|(a, _)| *a).collect();
+        assert!(r.is_ok(), "inspect panicked after edits at {at:?}");
         assert!(
-            matches!(o.status.code(), Some(0 | 1)),
-            "kiln inspect exit {:?} after edits {:?}:\n{}",
-            o.status,
-            edits.iter().map(|(a, _)| a).collect::<Vec<_>>(),
-            stderr(&o)
+            started.elapsed() < Duration::from_secs(10),
+            "inspect took {:?} after edits at {at:?}",
+            started.elapsed()
         );
+        if cases % 4 == 0 {
+            let o = run_bounded(
+                kiln_cmd(&ws, &["inspect", b.img.to_str().unwrap()]),
+                Duration::from_secs(20),
+                "kiln inspect",
+            );
+            assert!(
+                matches!(o.status.code(), Some(0 | 1)),
+                "kiln inspect exit {:?} after edits at {at:?}:\n{}",
+                o.status,
+                stderr(&o)
+            );
+        }
         for (at, old) in edits.iter().rev() {
             f.write_all_at(old, *at).unwrap();
         }
         cases += 1;
     }
+    eprintln!(
+        "images: {cases} cases in-process, {} through the binary",
+        (cases + 3) / 4
+    );
     assert!(cases >= 20, "only {cases} cases ran");
     assert_ok(
         &ws.kiln(&["inspect", b.img.to_str().unwrap()]),

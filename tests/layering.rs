@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 /// stages in pipeline order; the CLI last.
 const ORDER: &[(&str, &str)] = &[
     ("util", "support"),
-    ("tool", "support"),
     ("cleanup", "support"),
+    ("tool", "support"),
     ("progress", "support"),
     ("tree", "support"),
     ("tls", "support"),

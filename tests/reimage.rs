@@ -5,7 +5,7 @@ mod common_bmc;
 
 use common_bmc::bmc::{FakeBmc, Mode};
 use common_bmc::fixture::{Workspace, shift, stderr, stdout};
-use common_bmc::kube::{FakeKube, node};
+use common_bmc::kube::{FakeKube, Stale, node};
 
 fn setup(
     name: &str,
@@ -256,4 +256,102 @@ fn the_last_etcd_server_is_not_powered_off_without_force() {
     assert!(e.contains("no other Ready etcd server"), "{e}");
     assert!(kube.deletes().is_empty());
     assert!(bmc.requests().is_empty(), "nothing may be switched off");
+}
+
+#[test]
+fn an_agents_old_node_still_ready_is_not_taken_for_the_new_boot() {
+    let b = 37;
+    let nodes = vec![
+        node("n1", &shift("127.0.0.11", b), true, true, "n1-boot"),
+        node("a3", &shift("127.0.0.13", b), true, false, "old-boot"),
+    ];
+    let (_bmc, kube, ws) = setup("reimage-staleboot", b, nodes, Some(("a3", 3)));
+    // An agent's Node is never deleted: after the power-on the cluster still serves the old
+    // object, Ready with the old boot ID, until the new kubelet reports.
+    let stale = 3;
+    kube.stale_for(Stale::Reads(stale));
+    let out = reimage(&ws, "a3", &[]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(kube.deletes().is_empty(), "agents keep their Node");
+    let reads = kube.reads_after_power_on();
+    assert!(
+        reads > stale,
+        "kiln took the old boot (Ready, boot ID old-boot) for the new one: it read the Node {reads} time(s) after the power-on, the first {stale} of them stale"
+    );
+    assert!(
+        stdout(&out).contains("a3: reimaged and Ready"),
+        "{}",
+        stdout(&out)
+    );
+    let k = kube.state.lock().unwrap();
+    assert_eq!(k.nodes["a3"]["status"]["nodeInfo"]["bootID"], "new-boot");
+}
+
+#[test]
+fn a_node_that_keeps_its_old_boot_fails_wait_ready() {
+    let b = 38;
+    let nodes = vec![
+        node("n1", &shift("127.0.0.11", b), true, true, "n1-boot"),
+        node("a3", &shift("127.0.0.13", b), true, false, "old-boot"),
+    ];
+    let (bmc, kube, ws) = setup("reimage-oldbootforever", b, nodes, Some(("a3", 3)));
+    // The new image never registers: the Node stays Ready with the old boot ID.
+    kube.stale_for(Stale::Forever);
+    let art = ws.artifact_args();
+    let mut a = vec!["reimage", "a3", "--timeout", "3"];
+    a.extend(art.iter().map(String::as_str));
+    let out = ws.kiln(&a);
+    let (so, e) = (stdout(&out), stderr(&out));
+    assert!(
+        !out.status.success(),
+        "a Node still on its old boot was taken as reimaged:\n{so}\n{e}"
+    );
+    assert_eq!(bmc.uploads().len(), 1, "the slot was flashed: {so}\n{e}");
+    assert!(
+        e.contains("step `wait-ready` failed") && e.contains("--from-step wait-ready"),
+        "{e}"
+    );
+    assert!(
+        e.contains("Node a3 is not Ready with a new boot after 3 s")
+            && e.contains("still reports the old boot ID old-boot"),
+        "{e}"
+    );
+    assert!(!so.contains("reimaged and Ready"), "{so}");
+    assert!(
+        kube.reads_after_power_on() >= 2,
+        "kiln gave up without polling: {} read(s)",
+        kube.reads_after_power_on()
+    );
+    drop(out);
+    // Resumed at wait-ready, a new process that never saw the old boot: it still must not
+    // take the old Node for the new boot.
+    let out = ws.kiln(&[
+        "reimage",
+        "a3",
+        "--timeout",
+        "3",
+        "--from-step",
+        "wait-ready",
+    ]);
+    let (so, e) = (stdout(&out), stderr(&out));
+    assert!(
+        !out.status.success() && e.contains("still reports the old boot ID old-boot"),
+        "a resumed wait-ready took the old boot for the new one:\n{so}\n{e}"
+    );
+    // Once the new boot registers, the resumed step succeeds.
+    kube.stale_for(Stale::No);
+    let out = ws.kiln(&[
+        "reimage",
+        "a3",
+        "--timeout",
+        "30",
+        "--from-step",
+        "wait-ready",
+    ]);
+    assert!(
+        out.status.success() && stdout(&out).contains("a3: reimaged and Ready"),
+        "{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
 }

@@ -4,6 +4,7 @@ use super::diag::{Diagnostic, Source};
 use super::size::{ByteSize, MAX_DISK, MIB};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -357,20 +358,8 @@ pub fn load_dir(dir: &Path) -> Result<BTreeMap<String, Board>, Vec<Diagnostic>> 
         Err(diags)
     }
 }
-
 pub fn load_file(path: &Path) -> Result<Board, Vec<Diagnostic>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![Diagnostic {
-            file: path.to_path_buf(),
-            line: 0,
-            col: 0,
-            field: "board".into(),
-            message: format!("cannot read: {e}"),
-        }]
-    })?;
-    let sha256 = crate::util::sha256_hex(text.as_bytes());
-    let src = Source::new(path, text);
-    let spec: BoardFile = toml::from_str(&src.text).map_err(|e| vec![src.from_toml_error(&e)])?;
+    let (src, sha256, spec) = parse_file(path)?;
     let diags = validate(&src, &spec);
     if diags.is_empty() {
         Ok(Board {
@@ -383,109 +372,386 @@ pub fn load_file(path: &Path) -> Result<Board, Vec<Diagnostic>> {
     }
 }
 
+/// Reads and parses a profile (syntax, unknown keys, types), without the rules.
+fn parse_file(path: &Path) -> Result<(Source, String, BoardFile), Vec<Diagnostic>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 0,
+            col: 0,
+            field: "board".into(),
+            message: format!("cannot read: {e}"),
+        }]
+    })?;
+    let sha256 = crate::util::sha256_hex(text.as_bytes());
+    let src = Source::new(path, text);
+    let spec: BoardFile = toml::from_str(&src.text).map_err(|e| vec![src.from_toml_error(&e)])?;
+    Ok((src, sha256, spec))
+}
+
+/// Runs every rule of [`RULES`] on a profile that parses, keeping which rule said what: for
+/// tests (each rule has a failing fixture) and tools. A profile that does not read or parse is
+/// the `Err`, as from [`load_file`].
+pub fn check_file(path: &Path) -> Result<Vec<(&'static str, Diagnostic)>, Vec<Diagnostic>> {
+    let (src, _, spec) = parse_file(path)?;
+    let cx = Ctx { src: &src };
+    let mut out = Vec::new();
+    for rule in RULES {
+        let mut d = Vec::new();
+        (rule.check)(&cx, &spec, &mut d);
+        out.extend(d.into_iter().map(|d| (rule.id, d)));
+    }
+    Ok(out)
+}
+
+/// Every rule, in table order; a profile is valid when none of them reports anything.
+fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
+    let cx = Ctx { src };
+    let mut d = Vec::new();
+    for rule in RULES {
+        (rule.check)(&cx, b, &mut d);
+    }
+    d
+}
+
+/// The ids of [`RULES`], in table order.
+pub fn rule_ids() -> impl Iterator<Item = &'static str> {
+    RULES.iter().map(|r| r.id)
+}
+
+/// What a rule sees besides the parsed profile: its text, for spans. serde's typed structs
+/// drop spans, so rules point at `[[header]]` lines and `key =` lines found in the text.
+pub struct Ctx<'a> {
+    pub src: &'a Source,
+}
+
+impl Ctx<'_> {
+    /// The `idx`-th `[[header]]` (0..0 when there is none).
+    pub fn header_line(&self, header: &str, idx: usize) -> Range<usize> {
+        let needle = format!("[[{header}]]");
+        self.src
+            .text
+            .match_indices(&needle)
+            .nth(idx)
+            .map(|(p, _)| p..p + needle.len())
+            .unwrap_or(0..0)
+    }
+
+    /// The first line that starts (after indentation) with `key` (0..0 when there is none).
+    pub fn key_span(&self, key: &str) -> Range<usize> {
+        self.src
+            .text
+            .lines()
+            .scan(0usize, |off, l| {
+                let start = *off;
+                *off += l.len() + 1;
+                Some((start, l))
+            })
+            .find(|(_, l)| l.trim_start().starts_with(key))
+            .map(|(s, l)| s..s + l.len())
+            .unwrap_or(0..0)
+    }
+
+    pub fn diag(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Diagnostic {
+        self.src.diag(span, field, message)
+    }
+}
+
+/// One board-profile rule: a check that reports what a profile gets wrong. Each has a failing
+/// fixture, `tests/fixtures/boards/fail/<id>.toml`, and `tests/board_rules.rs` fails when a
+/// rule has none, or a fixture names no rule.
+pub struct Rule {
+    /// Stable name (the fixture's file name).
+    pub id: &'static str,
+    /// One line: what the rule refuses.
+    pub what: &'static str,
+    pub check: fn(&Ctx, &BoardFile, &mut Vec<Diagnostic>),
+}
+
+/// Every board-profile rule, in the order their diagnostics are reported.
+pub const RULES: &[Rule] = &[
+    Rule {
+        id: "name-matches-file",
+        what: "`name` is the file name without .toml",
+        check: name_matches_file,
+    },
+    Rule {
+        id: "slots-nonzero",
+        what: "`slots`, when given, is 1 or more",
+        check: slots_nonzero,
+    },
+    Rule {
+        id: "debian-variant",
+        what: "[debian] variant is one mmdebstrap knows",
+        check: debian_variant,
+    },
+    Rule {
+        id: "debian-plain-names",
+        what: "[debian] suite, components, extra_suites and packages are plain words",
+        check: debian_plain_names,
+    },
+    Rule {
+        id: "debian-module-names",
+        what: "[debian] initramfs_modules and modules_load are kernel module names",
+        check: debian_module_names,
+    },
+    Rule {
+        id: "debian-unit-names",
+        what: "[debian] enable lists systemd unit names",
+        check: debian_unit_names,
+    },
+    Rule {
+        id: "debian-package-suite",
+        what: "a package's `/suite` is the recipe's suite or one of its extra_suites",
+        check: debian_package_suite,
+    },
+    Rule {
+        id: "partitions-present",
+        what: "the profile has at least one [[partition]]",
+        check: partitions_present,
+    },
+    Rule {
+        id: "one-boot-one-root",
+        what: "exactly one partition with content boot and one with content rootfs",
+        check: one_boot_one_root,
+    },
+    Rule {
+        id: "gpt-first-usable-lba-min",
+        what: "a GPT's first_usable_lba is 34 or more",
+        check: gpt_first_usable_lba_min,
+    },
+    Rule {
+        id: "first-usable-lba-range",
+        what: "first_usable_lba is at most 1 GiB in",
+        check: first_usable_lba_range,
+    },
+    Rule {
+        id: "partition-type",
+        what: "a partition's `type` is a GPT type name or GUID, or an MBR type byte",
+        check: partition_type,
+    },
+    Rule {
+        id: "partition-start-aligned",
+        what: "a partition's `start` is 1 MiB aligned",
+        check: partition_start_aligned,
+    },
+    Rule {
+        id: "partition-start-overlap",
+        what: "a partition's `start` is past the table and the partitions before it",
+        check: partition_start_overlap,
+    },
+    Rule {
+        id: "fat-min-size",
+        what: "a vfat partition is 64 MiB or more",
+        check: fat_min_size,
+    },
+    Rule {
+        id: "auto-size-root-only",
+        what: "the boot partition has a fixed size",
+        check: auto_size_root_only,
+    },
+    Rule {
+        id: "boot-fs-vfat",
+        what: "the boot partition is vfat",
+        check: boot_fs_vfat,
+    },
+    Rule {
+        id: "root-fs-ext4",
+        what: "the root partition is ext4",
+        check: root_fs_ext4,
+    },
+    Rule {
+        id: "auto-size-last",
+        what: "only the last partition is sized \"auto\"",
+        check: auto_size_last,
+    },
+    Rule {
+        id: "blob-artifact-declared",
+        what: "a blob's artifact has an [[artifact]] table",
+        check: blob_artifact_declared,
+    },
+    Rule {
+        id: "blob-after-table",
+        what: "a blob starts after the partition table",
+        check: blob_after_table,
+    },
+    Rule {
+        id: "blob-before-first-partition",
+        what: "a blob starts before the first partition",
+        check: blob_before_first_partition,
+    },
+    Rule {
+        id: "extlinux-fdtdir",
+        what: "extlinux boards give [devicetree] fdtdir",
+        check: extlinux_fdtdir,
+    },
+    Rule {
+        id: "rpi-device-tree",
+        what: "rpi-firmware boards give [devicetree] device_tree",
+        check: rpi_device_tree,
+    },
+    Rule {
+        id: "targets-present",
+        what: "the board has at least one [target.NAME]",
+        check: targets_present,
+    },
+    Rule {
+        id: "default-target-exists",
+        what: "default_target names a [target.NAME] of the board",
+        check: default_target_exists,
+    },
+    Rule {
+        id: "target-names",
+        what: "target names are lower-case letters, digits, - and _",
+        check: target_names,
+    },
+    Rule {
+        id: "target-lines-one-line",
+        what: "a target's eeprom and config entries are one line each",
+        check: target_lines_one_line,
+    },
+    Rule {
+        id: "eeprom-needs-tool",
+        what: "a target with eeprom settings has an eeprom_tool to set them",
+        check: eeprom_needs_tool,
+    },
+    Rule {
+        id: "target-config-rpi-only",
+        what: "only rpi-firmware boards give targets config.txt lines",
+        check: target_config_rpi_only,
+    },
+    Rule {
+        id: "variant-names",
+        what: "variant names are lower-case letters, digits, - and _",
+        check: variant_names,
+    },
+    Rule {
+        id: "variant-device-tree-extlinux",
+        what: "extlinux boards' variants have no device_tree",
+        check: variant_device_tree_extlinux,
+    },
+    Rule {
+        id: "variant-device-tree-copied",
+        what: "an rpi-firmware variant's device_tree is the `to` of a [devicetree] copy",
+        check: variant_device_tree_copied,
+    },
+    Rule {
+        id: "partition-count",
+        what: "no more partitions than the table holds (GPT 128, MBR 4)",
+        check: partition_count,
+    },
+    Rule {
+        id: "partition-size-range",
+        what: "a fixed partition size is whole sectors, more than 0, at most the largest disk",
+        check: partition_size_range,
+    },
+    Rule {
+        id: "fat32-max-size",
+        what: "a vfat partition is at most what kiln's FAT32 holds",
+        check: fat32_max_size,
+    },
+    Rule {
+        id: "partition-start-range",
+        what: "a partition's `start` is at most the largest disk",
+        check: partition_start_range,
+    },
+    Rule {
+        id: "headroom-range",
+        what: "a partition's headroom is at most the largest disk",
+        check: headroom_range,
+    },
+    Rule {
+        id: "mbr-2tib",
+        what: "MBR partitions start and end below 2 TiB",
+        check: mbr_2tib,
+    },
+    Rule {
+        id: "gpt-partition-name",
+        what: "GPT partition names fit the entry (36 UTF-16 units, no control characters)",
+        check: gpt_partition_name,
+    },
+    Rule {
+        id: "partition-label",
+        what: "a filesystem label is one mkfs accepts",
+        check: partition_label,
+    },
+    Rule {
+        id: "blob-offset-range",
+        what: "a blob's offset is at most the largest disk",
+        check: blob_offset_range,
+    },
+    Rule {
+        id: "kernel-file-names",
+        what: "kernel.file and kernel.initrd are plain boot partition paths",
+        check: kernel_file_names,
+    },
+    Rule {
+        id: "devicetree-copy-to",
+        what: "a [devicetree] copy's `to` is a plain boot partition path",
+        check: devicetree_copy_to,
+    },
+    Rule {
+        id: "devicetree-copy-from",
+        what: "a [devicetree] copy's `from` stays inside the kernel's device-tree directory",
+        check: devicetree_copy_from,
+    },
+    Rule {
+        id: "boot-files-vs-generated",
+        what: "no boot file lands on a file kiln writes itself",
+        check: boot_files_vs_generated,
+    },
+    Rule {
+        id: "boot-files-distinct",
+        what: "no two boot files land on the same FAT path (case-insensitive)",
+        check: boot_files_distinct,
+    },
+    Rule {
+        id: "cmdline-words",
+        what: "kernel.cmdline entries are one word each",
+        check: cmdline_words,
+    },
+    Rule {
+        id: "console-words",
+        what: "kernel.consoles entries are one word each",
+        check: console_words,
+    },
+    Rule {
+        id: "fdtdir-word",
+        what: "[devicetree] fdtdir is one word",
+        check: fdtdir_word,
+    },
+    Rule {
+        id: "device-tree-names",
+        what: "device_tree (board and variants) is a plain boot partition file name",
+        check: device_tree_names,
+    },
+    Rule {
+        id: "rpi-config-lines",
+        what: "[rpi] config entries are one line each",
+        check: rpi_config_lines,
+    },
+    Rule {
+        id: "eeprom-tool-line",
+        what: "eeprom_tool is one line",
+        check: eeprom_tool_line,
+    },
+    Rule {
+        id: "rpi-firmware-mbr",
+        what: "rpi-firmware boards use an MBR",
+        check: rpi_firmware_mbr,
+    },
+];
+
 /// Names that end up on mmdebstrap's command line: no spaces, commas or shell syntax.
 fn is_plain_word(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"-+._:/~=".contains(&c))
-}
-
-fn validate_recipe(
-    src: &Source,
-    d: &mut Vec<Diagnostic>,
-    r: &DebianRecipe,
-    key_span: &dyn Fn(&str) -> std::ops::Range<usize>,
-) {
-    const VARIANTS: &[&str] = &[
-        "extract",
-        "custom",
-        "essential",
-        "apt",
-        "required",
-        "minbase",
-        "buildd",
-        "important",
-        "debootstrap",
-        "standard",
-    ];
-    if !VARIANTS.contains(&r.variant.as_str()) {
-        d.push(src.diag(
-            key_span("variant"),
-            "debian.variant",
-            format!(
-                "unknown variant `{}`; expected one of: {}",
-                r.variant,
-                VARIANTS.join(", ")
-            ),
-        ));
-    }
-    let lists: [(&str, Vec<&String>); 4] = [
-        ("suite", vec![&r.suite]),
-        ("components", r.components.iter().collect()),
-        ("extra_suites", r.extra_suites.iter().collect()),
-        ("packages", r.packages.iter().collect()),
-    ];
-    for (field, values) in lists {
-        for v in values {
-            if !is_plain_word(v) {
-                d.push(src.diag(
-                    key_span(field),
-                    format!("debian.{field}"),
-                    format!(
-                        "`{v}` is not a plain name; expected letters, digits and -+._:/~= only"
-                    ),
-                ));
-            }
-        }
-    }
-    let modules: [(&str, &Vec<String>); 2] = [
-        ("initramfs_modules", &r.initramfs_modules),
-        ("modules_load", &r.modules_load),
-    ];
-    for (field, values) in modules {
-        for m in values {
-            if m.is_empty()
-                || !m
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
-            {
-                d.push(src.diag(
-                    key_span(field),
-                    format!("debian.{field}"),
-                    format!("`{m}` is not a kernel module name; expected letters, digits, - and _"),
-                ));
-            }
-        }
-    }
-    for u in &r.enable {
-        let ok = u
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c))
-            && [".service", ".socket", ".timer", ".path", ".target"]
-                .iter()
-                .any(|x| u.len() > x.len() && u.ends_with(x));
-        if !ok {
-            d.push(src.diag(
-                key_span("enable"),
-                "debian.enable",
-                format!("`{u}` is not a systemd unit name; expected e.g. iscsid.service"),
-            ));
-        }
-    }
-    for p in &r.packages {
-        if let Some((_, suite)) = p.split_once('/')
-            && suite != r.suite
-            && !r.extra_suites.iter().any(|s| s == suite)
-        {
-            d.push(src.diag(
-                key_span("packages"),
-                "debian.packages",
-                format!(
-                    "`{p}` asks for suite `{suite}`, which the recipe does not use; expected it in extra_suites"
-                ),
-            ));
-        }
-    }
 }
 
 /// A line kiln writes into a generated file or prints as a setting: one line, no control
@@ -499,99 +765,6 @@ fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
-}
-
-fn validate_targets_and_variants(
-    src: &Source,
-    d: &mut Vec<Diagnostic>,
-    b: &BoardFile,
-    key_span: &dyn Fn(&str) -> std::ops::Range<usize>,
-) {
-    if b.targets.is_empty() {
-        d.push(src.diag(
-            key_span("default_target"),
-            "target",
-            "no [target.NAME] table; expected at least one storage device the board boots from",
-        ));
-    }
-    if !b.targets.contains_key(&b.default_target) {
-        let names: Vec<&str> = b.targets.keys().map(String::as_str).collect();
-        d.push(src.diag(
-            key_span("default_target"),
-            "default_target",
-            format!(
-                "`{}` is not a [target.*] of this board; expected one of: {}",
-                b.default_target,
-                names.join(", ")
-            ),
-        ));
-    }
-    for (name, t) in &b.targets {
-        let at = key_span(&format!("[target.{name}]"));
-        if !is_name(name) {
-            d.push(src.diag(
-                at.clone(),
-                format!("target.{name}"),
-                "target names are lower-case letters, digits, - and _",
-            ));
-        }
-        for (field, lines) in [("eeprom", &t.eeprom), ("config", &t.config)] {
-            for l in lines {
-                if !is_one_line(l) {
-                    d.push(src.diag(
-                        at.clone(),
-                        format!("target.{name}.{field}"),
-                        format!("{l:?} is not one line; expected a single setting without control characters"),
-                    ));
-                }
-            }
-        }
-        if !t.eeprom.is_empty() && b.eeprom_tool.is_none() {
-            d.push(src.diag(
-                at.clone(),
-                format!("target.{name}.eeprom"),
-                "firmware settings need `eeprom_tool` (the command users run to set them)",
-            ));
-        }
-        if !t.config.is_empty() && b.boot != BootStyle::RpiFirmware {
-            d.push(src.diag(
-                at,
-                format!("target.{name}.config"),
-                "config.txt lines are only for rpi-firmware boards",
-            ));
-        }
-    }
-    for (name, v) in &b.variants {
-        let at = key_span(&format!("[variant.{name}]"));
-        if !is_name(name) {
-            d.push(src.diag(
-                at.clone(),
-                format!("variant.{name}"),
-                "variant names are lower-case letters, digits, - and _",
-            ));
-        }
-        match (&v.device_tree, b.boot) {
-            (Some(_), BootStyle::Extlinux) => d.push(src.diag(
-                at,
-                format!("variant.{name}.device_tree"),
-                "extlinux boards take the device tree from U-Boot's $fdtfile; expected no device_tree",
-            )),
-            (Some(dt), BootStyle::RpiFirmware) => {
-                // The firmware reads it from the FAT root: it must be one of the copied files.
-                let copied = b.devicetree.copy.iter().any(|c| c.to == *dt);
-                if !copied {
-                    d.push(src.diag(
-                        at,
-                        format!("variant.{name}.device_tree"),
-                        format!(
-                            "`{dt}` is not the `to` of any [devicetree] copy; expected the file the firmware will find on the boot partition"
-                        ),
-                    ));
-                }
-            }
-            (None, _) => {}
-        }
-    }
 }
 
 const GPT_TYPES: &[(&str, &str)] = &[
@@ -626,371 +799,6 @@ pub fn gpt_primary_end(first_usable_lba: u64) -> u64 {
 /// bound keeps byte offsets derived from it far from overflow.
 pub const MAX_FIRST_USABLE_LBA: u64 = 2 * 1024 * 1024;
 
-fn validate(src: &Source, b: &BoardFile) -> Vec<Diagnostic> {
-    let mut d = Vec::new();
-    // serde's typed structs drop spans; find `[[header]]` lines and `key =` lines instead.
-    let header_line = |header: &str, idx: usize| -> std::ops::Range<usize> {
-        let needle = format!("[[{header}]]");
-        src.text
-            .match_indices(&needle)
-            .nth(idx)
-            .map(|(p, _)| p..p + needle.len())
-            .unwrap_or(0..0)
-    };
-    let key_span = |key: &str| -> std::ops::Range<usize> {
-        src.text
-            .lines()
-            .scan(0usize, |off, l| {
-                let start = *off;
-                *off += l.len() + 1;
-                Some((start, l))
-            })
-            .find(|(_, l)| l.trim_start().starts_with(key))
-            .map(|(s, l)| s..s + l.len())
-            .unwrap_or(0..0)
-    };
-
-    let stem = src
-        .path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if b.name != stem {
-        d.push(src.diag(
-            key_span("name"),
-            "name",
-            format!(
-                "board `{}` is in {}; expected the file to be named {}.toml",
-                b.name,
-                src.path.display(),
-                b.name
-            ),
-        ));
-    }
-    if let Some(s) = b.slots
-        && s == 0
-    {
-        d.push(src.diag(
-            key_span("slots"),
-            "slots",
-            "0 slots; expected 1 or more, or leave `slots` out for a board without slots",
-        ));
-    }
-    if let Some(r) = &b.debian {
-        validate_recipe(src, &mut d, r, &key_span);
-    }
-    if b.partitions.is_empty() {
-        d.push(src.diag(
-            0..0,
-            "partition",
-            "no [[partition]]; expected a boot and a root partition",
-        ));
-    }
-    for want in [Content::Boot, Content::Rootfs] {
-        let n = b.partitions.iter().filter(|p| p.content == want).count();
-        if n != 1 && !b.partitions.is_empty() {
-            d.push(src.diag(
-                0..0,
-                "partition.content",
-                format!("{n} partitions with content {want:?}; expected exactly one"),
-            ));
-        }
-    }
-    let mut prev_end: u64 = match b.partition_table.kind {
-        TableKind::Gpt => gpt_primary_end(b.partition_table.first_usable_lba),
-        TableKind::Mbr => 512,
-    };
-    if b.partition_table.kind == TableKind::Gpt && b.partition_table.first_usable_lba < 34 {
-        d.push(src.diag(
-            key_span("first_usable_lba"),
-            "partition_table.first_usable_lba",
-            "must be 34 or more (the primary GPT with 128 entries ends at LBA 33)",
-        ));
-    }
-    if b.partition_table.first_usable_lba > MAX_FIRST_USABLE_LBA {
-        d.push(src.diag(
-            key_span("first_usable_lba"),
-            "partition_table.first_usable_lba",
-            format!(
-                "{} is out of range; expected 34 to {MAX_FIRST_USABLE_LBA} (1 GiB)",
-                b.partition_table.first_usable_lba
-            ),
-        ));
-    }
-    let first_start = b.partitions.first().and_then(|p| p.start.map(|s| s.0));
-    for (i, p) in b.partitions.iter().enumerate() {
-        let at = header_line("partition", i);
-        let field = |f: &str| format!("partition[{i}].{f}");
-        match b.partition_table.kind {
-            TableKind::Gpt if gpt_type_guid(&p.type_).is_none() => d.push(src.diag(
-                at.clone(),
-                field("type"),
-                format!(
-                    "`{}` is not a GPT type; expected one of esp, basic-data, linux, linux-root-arm64, linux-root-amd64 or a GUID",
-                    p.type_
-                ),
-            )),
-            TableKind::Mbr if mbr_type_byte(&p.type_).is_none() => d.push(src.diag(
-                at.clone(),
-                field("type"),
-                format!("`{}` is not an MBR type; expected a byte like 0x0c or 0x83", p.type_),
-            )),
-            _ => {}
-        }
-        if let Some(start) = p.start {
-            if !start.0.is_multiple_of(MIB) {
-                d.push(src.diag(
-                    at.clone(),
-                    field("start"),
-                    format!("{start} is not 1 MiB aligned"),
-                ));
-            }
-            if start.0 < prev_end {
-                d.push(src.diag(
-                    at.clone(),
-                    field("start"),
-                    format!("{start} overlaps what comes before it (ends at byte {prev_end})"),
-                ));
-            }
-            prev_end = start.0;
-        }
-        match (p.size, p.content, p.fs) {
-            (PartSize::Fixed(s), _, FsKind::Vfat) if s.0 < 64 * MIB => d.push(src.diag(
-                at.clone(),
-                field("size"),
-                format!("{s} is too small for FAT32; expected 64MiB or more"),
-            )),
-            (PartSize::Auto, Content::Boot, _) => d.push(src.diag(
-                at.clone(),
-                field("size"),
-                "\"auto\" is only for the root filesystem; expected a fixed size",
-            )),
-            (PartSize::Fixed(s), _, _) => prev_end = prev_end.saturating_add(s.0),
-            _ => {}
-        }
-        if p.content == Content::Boot && p.fs != FsKind::Vfat {
-            d.push(src.diag(
-                at.clone(),
-                field("fs"),
-                "the boot partition must be vfat (firmware and U-Boot read FAT)",
-            ));
-        }
-        if p.content == Content::Rootfs && p.fs != FsKind::Ext4 {
-            d.push(src.diag(at.clone(), field("fs"), "the root partition must be ext4"));
-        }
-        if matches!(p.size, PartSize::Auto) && i + 1 != b.partitions.len() {
-            d.push(src.diag(
-                at.clone(),
-                field("size"),
-                "only the last partition may be \"auto\" (it grows on first boot)",
-            ));
-        }
-    }
-    for (i, blob) in b.blobs.iter().enumerate() {
-        let at = header_line("blob", i);
-        if !b.artifacts.iter().any(|a| a.name == blob.artifact) {
-            d.push(src.diag(
-                at.clone(),
-                format!("blob[{i}].artifact"),
-                format!(
-                    "`{}` is not declared in an [[artifact]] table",
-                    blob.artifact
-                ),
-            ));
-        }
-        let table_end = match b.partition_table.kind {
-            TableKind::Gpt => gpt_primary_end(b.partition_table.first_usable_lba),
-            TableKind::Mbr => 512,
-        };
-        if blob.offset.0 < table_end {
-            d.push(src.diag(
-                at.clone(),
-                format!("blob[{i}].offset"),
-                format!(
-                    "{} overlaps the partition table (ends at byte {table_end})",
-                    blob.offset
-                ),
-            ));
-        }
-        if let Some(fs) = first_start
-            && blob.offset.0 >= fs
-        {
-            d.push(src.diag(
-                at,
-                format!("blob[{i}].offset"),
-                format!(
-                    "{} is at or after the first partition (byte {fs})",
-                    blob.offset
-                ),
-            ));
-        }
-    }
-    match b.boot {
-        BootStyle::Extlinux if b.devicetree.fdtdir.is_none() => d.push(src.diag(
-            key_span("[devicetree]"),
-            "devicetree.fdtdir",
-            "extlinux boards need `fdtdir` (U-Boot picks $fdtfile from it; never a fixed `fdt`)",
-        )),
-        BootStyle::RpiFirmware if b.devicetree.device_tree.is_none() => d.push(src.diag(
-            key_span("[devicetree]"),
-            "devicetree.device_tree",
-            "rpi-firmware boards need `device_tree` (config.txt names it explicitly)",
-        )),
-        _ => {}
-    }
-    validate_targets_and_variants(src, &mut d, b, &key_span);
-    validate_ranges(src, &mut d, b, &header_line);
-    validate_boot_files(src, &mut d, b, &key_span);
-    if b.boot == BootStyle::RpiFirmware && b.partition_table.kind != TableKind::Mbr {
-        d.push(src.diag(
-            key_span("kind"),
-            "partition_table.kind",
-            "rpi-firmware boards use an MBR here (what Raspberry Pi OS ships)",
-        ));
-    }
-    d
-}
-
-/// Numbers of the profile, each checked against its range before any arithmetic uses it
-/// (layout adds starts, sizes, offsets and headroom), and what the partition table and the
-/// filesystems can hold (entries, names, labels): all of it would otherwise fail the build,
-/// or panic in a table writer, instead of `kiln check`.
-fn validate_ranges(
-    src: &Source,
-    d: &mut Vec<Diagnostic>,
-    b: &BoardFile,
-    header_line: &dyn Fn(&str, usize) -> std::ops::Range<usize>,
-) {
-    let (table, max_parts) = match b.partition_table.kind {
-        TableKind::Gpt => ("a GPT", 128),
-        TableKind::Mbr => ("an MBR", 4),
-    };
-    if b.partitions.len() > max_parts {
-        d.push(src.diag(
-            header_line("partition", max_parts),
-            format!("partition[{max_parts}]"),
-            format!(
-                "{} partitions; {table} holds at most {max_parts}",
-                b.partitions.len()
-            ),
-        ));
-    }
-    for (i, p) in b.partitions.iter().enumerate() {
-        let at = header_line("partition", i);
-        let field = |f: &str| format!("partition[{i}].{f}");
-        if let PartSize::Fixed(s) = p.size
-            && (s.0 == 0 || s.0 > MAX_DISK || !s.0.is_multiple_of(512))
-        {
-            d.push(src.diag(
-                at.clone(),
-                field("size"),
-                format!(
-                    "{s} is out of range; expected a whole number of 512-byte sectors, more than 0 and at most {}",
-                    ByteSize(MAX_DISK)
-                ),
-            ));
-        }
-        // kiln formats FAT32 with clusters of at most 4 KiB, and FAT32 counts fewer than 2^28.
-        if let (PartSize::Fixed(s), FsKind::Vfat) = (p.size, p.fs)
-            && s.0 > MAX_FAT32
-        {
-            d.push(src.diag(
-                at.clone(),
-                field("size"),
-                format!(
-                    "{s} is too large for FAT32; expected at most {}",
-                    ByteSize(MAX_FAT32)
-                ),
-            ));
-        }
-        if let Some(start) = p.start
-            && start.0 > MAX_DISK
-        {
-            d.push(src.diag(
-                at.clone(),
-                field("start"),
-                format!(
-                    "{start} is out of range; expected at most {}",
-                    ByteSize(MAX_DISK)
-                ),
-            ));
-        }
-        if let Some(h) = p.headroom
-            && h.0 > MAX_DISK
-        {
-            d.push(src.diag(
-                at.clone(),
-                field("headroom"),
-                format!(
-                    "{h} is out of range; expected at most {}",
-                    ByteSize(MAX_DISK)
-                ),
-            ));
-        }
-        // MBR entries hold 32-bit sector numbers.
-        if b.partition_table.kind == TableKind::Mbr {
-            let too_far = |v: u64| v / 512 > u64::from(u32::MAX);
-            let size_too_far = matches!(p.size, PartSize::Fixed(s) if too_far(s.0));
-            if p.start.is_some_and(|s| too_far(s.0)) || size_too_far {
-                d.push(src.diag(
-                    at.clone(),
-                    field(if size_too_far { "size" } else { "start" }),
-                    "an MBR addresses at most 2 TiB; expected a start and size below 2TiB, or a GPT",
-                ));
-            }
-        }
-        if b.partition_table.kind == TableKind::Gpt
-            && (p.name.encode_utf16().count() > 36 || p.name.chars().any(char::is_control))
-        {
-            d.push(src.diag(
-                at.clone(),
-                field("name"),
-                format!(
-                    "{:?} does not fit a GPT partition name; expected at most 36 characters, no control characters",
-                    p.name
-                ),
-            ));
-        }
-        let label_ok = match p.fs {
-            // What mkfs.fat accepts in a volume label (kiln upper-cases it).
-            FsKind::Vfat => {
-                p.label.len() <= 11
-                    && p.label
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || b" !#$%&'()-@^_`{}~".contains(&c))
-            }
-            FsKind::Ext4 => p.label.len() <= 16 && !p.label.chars().any(char::is_control),
-        };
-        if !label_ok {
-            let expected = match p.fs {
-                FsKind::Vfat => "at most 11 ASCII letters, digits, spaces or !#$%&'()-@^_`{}~",
-                FsKind::Ext4 => "at most 16 bytes without control characters",
-            };
-            d.push(src.diag(
-                at,
-                field("label"),
-                format!(
-                    "{:?} is not a {:?} label; expected {expected}",
-                    p.label, p.fs
-                ),
-            ));
-        }
-    }
-    for (i, blob) in b.blobs.iter().enumerate() {
-        if blob.offset.0 > MAX_DISK {
-            d.push(src.diag(
-                header_line("blob", i),
-                format!("blob[{i}].offset"),
-                format!(
-                    "{} is out of range; expected at most {}",
-                    blob.offset,
-                    ByteSize(MAX_DISK)
-                ),
-            ));
-        }
-    }
-}
-
 /// The largest FAT32 boot partition kiln formats (see `image::fat::cluster_size`).
 const MAX_FAT32: u64 = 512 * 1024 * MIB;
 
@@ -1018,27 +826,811 @@ fn is_word(s: &str) -> bool {
             .any(|c| c.is_whitespace() || c.is_control() || c == '"')
 }
 
-/// The boot partition's file names (kernel, initramfs, device-tree destinations) and the values
-/// written into its configuration files: valid, and no two landing on the same FAT path (FAT
-/// names are case-insensitive) or on a file kiln generates itself.
-fn validate_boot_files(
-    src: &Source,
-    d: &mut Vec<Diagnostic>,
-    b: &BoardFile,
-    key_span: &dyn Fn(&str) -> std::ops::Range<usize>,
-) {
-    // (path on the FAT, field, is a single file, the key whose line the error points at).
-    let mut names: Vec<(String, String, bool, &str)> = Vec::new();
-    for (field, v) in [
-        ("kernel.file", &b.kernel.file),
-        ("kernel.initrd", &b.kernel.initrd),
+/// Byte where the partition table ends: nothing else may start before it.
+fn table_end(b: &BoardFile) -> u64 {
+    match b.partition_table.kind {
+        TableKind::Gpt => gpt_primary_end(b.partition_table.first_usable_lba),
+        TableKind::Mbr => 512,
+    }
+}
+
+// ---- identity ----
+
+/// Boards are looked up by name (a node's `board`); the file name is how users find the
+/// profile, so the two must agree.
+fn name_matches_file(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let src = cx.src;
+    let stem = src
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if b.name != stem {
+        d.push(cx.diag(
+            cx.key_span("name"),
+            "name",
+            format!(
+                "board `{}` is in {}; expected the file to be named {}.toml",
+                b.name,
+                src.path.display(),
+                b.name
+            ),
+        ));
+    }
+}
+
+/// Nodes pick a slot from 1 to `slots`: zero slots would make every node's slot invalid with
+/// a confusing message; a board without slots leaves the key out.
+fn slots_nonzero(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if let Some(s) = b.slots
+        && s == 0
+    {
+        d.push(cx.diag(
+            cx.key_span("slots"),
+            "slots",
+            "0 slots; expected 1 or more, or leave `slots` out for a board without slots",
+        ));
+    }
+}
+
+// ---- the Debian recipe (mmdebstrap's command line) ----
+
+/// mmdebstrap refuses an unknown variant only after kiln has started a slow build; this
+/// catches it in `kiln check`.
+fn debian_variant(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    const VARIANTS: &[&str] = &[
+        "extract",
+        "custom",
+        "essential",
+        "apt",
+        "required",
+        "minbase",
+        "buildd",
+        "important",
+        "debootstrap",
+        "standard",
+    ];
+    let Some(r) = &b.debian else { return };
+    if !VARIANTS.contains(&r.variant.as_str()) {
+        d.push(cx.diag(
+            cx.key_span("variant"),
+            "debian.variant",
+            format!(
+                "unknown variant `{}`; expected one of: {}",
+                r.variant,
+                VARIANTS.join(", ")
+            ),
+        ));
+    }
+}
+
+/// Suites, components and packages end up on mmdebstrap's command line (comma-joined): a
+/// space, comma or shell syntax would split or change it.
+fn debian_plain_names(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let Some(r) = &b.debian else { return };
+    let lists: [(&str, Vec<&String>); 4] = [
+        ("suite", vec![&r.suite]),
+        ("components", r.components.iter().collect()),
+        ("extra_suites", r.extra_suites.iter().collect()),
+        ("packages", r.packages.iter().collect()),
+    ];
+    for (field, values) in lists {
+        for v in values {
+            if !is_plain_word(v) {
+                d.push(cx.diag(
+                    cx.key_span(field),
+                    format!("debian.{field}"),
+                    format!(
+                        "`{v}` is not a plain name; expected letters, digits and -+._:/~= only"
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Module names are written one per line into initramfs-tools' modules file and
+/// modules-load.d: anything but a module name would add lines or fail at boot.
+fn debian_module_names(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let Some(r) = &b.debian else { return };
+    let modules: [(&str, &Vec<String>); 2] = [
+        ("initramfs_modules", &r.initramfs_modules),
+        ("modules_load", &r.modules_load),
+    ];
+    for (field, values) in modules {
+        for m in values {
+            if m.is_empty()
+                || !m
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            {
+                d.push(cx.diag(
+                    cx.key_span(field),
+                    format!("debian.{field}"),
+                    format!("`{m}` is not a kernel module name; expected letters, digits, - and _"),
+                ));
+            }
+        }
+    }
+}
+
+/// Units are enabled with `systemctl enable` in the base: a name that is not a unit would fail
+/// the base build late, or pass shell syntax through.
+fn debian_unit_names(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let Some(r) = &b.debian else { return };
+    for u in &r.enable {
+        let ok = u
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c))
+            && [".service", ".socket", ".timer", ".path", ".target"]
+                .iter()
+                .any(|x| u.len() > x.len() && u.ends_with(x));
+        if !ok {
+            d.push(cx.diag(
+                cx.key_span("enable"),
+                "debian.enable",
+                format!("`{u}` is not a systemd unit name; expected e.g. iscsid.service"),
+            ));
+        }
+    }
+}
+
+/// apt can only install `name/suite` from a suite in its sources; one the recipe does not
+/// list fails the base build after the download.
+fn debian_package_suite(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let Some(r) = &b.debian else { return };
+    for p in &r.packages {
+        if let Some((_, suite)) = p.split_once('/')
+            && suite != r.suite
+            && !r.extra_suites.iter().any(|s| s == suite)
+        {
+            d.push(cx.diag(
+                cx.key_span("packages"),
+                "debian.packages",
+                format!(
+                    "`{p}` asks for suite `{suite}`, which the recipe does not use; expected it in extra_suites"
+                ),
+            ));
+        }
+    }
+}
+
+// ---- partitions ----
+
+/// An image without partitions boots nothing; the build needs a boot and a root partition.
+fn partitions_present(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.partitions.is_empty() {
+        d.push(cx.diag(
+            0..0,
+            "partition",
+            "no [[partition]]; expected a boot and a root partition",
+        ));
+    }
+}
+
+/// The build writes the boot files to the one boot partition and the root filesystem to the
+/// one root partition (`root=PARTUUID` names it): none or two of either is ambiguous.
+fn one_boot_one_root(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for want in [Content::Boot, Content::Rootfs] {
+        let n = b.partitions.iter().filter(|p| p.content == want).count();
+        if n != 1 && !b.partitions.is_empty() {
+            d.push(cx.diag(
+                0..0,
+                "partition.content",
+                format!("{n} partitions with content {want:?}; expected exactly one"),
+            ));
+        }
+    }
+}
+
+/// The primary GPT with its 128 entries fills LBAs 0 to 33: a smaller first usable LBA puts
+/// partitions over the table.
+fn gpt_first_usable_lba_min(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.partition_table.kind == TableKind::Gpt && b.partition_table.first_usable_lba < 34 {
+        d.push(cx.diag(
+            cx.key_span("first_usable_lba"),
+            "partition_table.first_usable_lba",
+            "must be 34 or more (the primary GPT with 128 entries ends at LBA 33)",
+        ));
+    }
+}
+
+/// The LBA is multiplied by 512 for byte offsets: bounding it keeps that arithmetic far from
+/// overflow (2^62 once panicked a debug build).
+fn first_usable_lba_range(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.partition_table.first_usable_lba > MAX_FIRST_USABLE_LBA {
+        d.push(cx.diag(
+            cx.key_span("first_usable_lba"),
+            "partition_table.first_usable_lba",
+            format!(
+                "{} is out of range; expected 34 to {MAX_FIRST_USABLE_LBA} (1 GiB)",
+                b.partition_table.first_usable_lba
+            ),
+        ));
+    }
+}
+
+/// The table writers need a type they can encode; an unknown one would fail after the root
+/// filesystem was written.
+fn partition_type(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        let at = cx.header_line("partition", i);
+        let field = format!("partition[{i}].type");
+        match b.partition_table.kind {
+            TableKind::Gpt if gpt_type_guid(&p.type_).is_none() => d.push(cx.diag(
+                at,
+                field,
+                format!(
+                    "`{}` is not a GPT type; expected one of esp, basic-data, linux, linux-root-arm64, linux-root-amd64 or a GUID",
+                    p.type_
+                ),
+            )),
+            TableKind::Mbr if mbr_type_byte(&p.type_).is_none() => d.push(cx.diag(
+                at,
+                field,
+                format!("`{}` is not an MBR type; expected a byte like 0x0c or 0x83", p.type_),
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// Partitions start on 1 MiB boundaries, which map onto eMMC/SD erase blocks; an unaligned
+/// start slows every write to the card.
+fn partition_start_aligned(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if let Some(start) = p.start
+            && !start.0.is_multiple_of(MIB)
+        {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].start"),
+                format!("{start} is not 1 MiB aligned"),
+            ));
+        }
+    }
+}
+
+/// A partition starting inside the table or the partition before it would overwrite them.
+/// Walks the partitions as the old single pass did: a fixed start moves the end to it, a fixed
+/// size (other than a too-small FAT, already refused) moves it on.
+fn partition_start_overlap(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let mut prev_end = table_end(b);
+    for (i, p) in b.partitions.iter().enumerate() {
+        if let Some(start) = p.start {
+            if start.0 < prev_end {
+                d.push(cx.diag(
+                    cx.header_line("partition", i),
+                    format!("partition[{i}].start"),
+                    format!("{start} overlaps what comes before it (ends at byte {prev_end})"),
+                ));
+            }
+            prev_end = start.0;
+        }
+        match (p.size, p.fs) {
+            (PartSize::Fixed(s), FsKind::Vfat) if s.0 < 64 * MIB => {}
+            (PartSize::Fixed(s), _) => prev_end = prev_end.saturating_add(s.0),
+            _ => {}
+        }
+    }
+}
+
+/// kiln formats vfat as FAT32, which needs at least 65525 clusters: below 64 MiB mkfs would
+/// make FAT16 or fail, and some firmware reads only FAT32.
+fn fat_min_size(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if let (PartSize::Fixed(s), FsKind::Vfat) = (p.size, p.fs)
+            && s.0 < 64 * MIB
+        {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].size"),
+                format!("{s} is too small for FAT32; expected 64MiB or more"),
+            ));
+        }
+    }
+}
+
+/// "auto" sizes the partition to the root filesystem's content; the boot partition has none
+/// kiln measures, and it does not grow on first boot.
+fn auto_size_root_only(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if let (PartSize::Auto, Content::Boot) = (p.size, p.content) {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].size"),
+                "\"auto\" is only for the root filesystem; expected a fixed size",
+            ));
+        }
+    }
+}
+
+/// The Pi firmware and U-Boot read the boot files from FAT; on any other filesystem the
+/// board does not boot.
+fn boot_fs_vfat(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if p.content == Content::Boot && p.fs != FsKind::Vfat {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].fs"),
+                "the boot partition must be vfat (firmware and U-Boot read FAT)",
+            ));
+        }
+    }
+}
+
+/// kiln writes the root filesystem with mkfs.ext4 -d, and first boot grows it with resize2fs.
+fn root_fs_ext4(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if p.content == Content::Rootfs && p.fs != FsKind::Ext4 {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].fs"),
+                "the root partition must be ext4",
+            ));
+        }
+    }
+}
+
+/// An "auto" partition grows to the end of the disk on first boot: one before another would
+/// grow into it.
+fn auto_size_last(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if matches!(p.size, PartSize::Auto) && i + 1 != b.partitions.len() {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].size"),
+                "only the last partition may be \"auto\" (it grows on first boot)",
+            ));
+        }
+    }
+}
+
+// ---- blobs (boot loaders at fixed offsets) ----
+
+/// A blob's bytes come from `--artifact NAME=`; without an [[artifact]] table kiln cannot say
+/// what to pass or where to get it.
+fn blob_artifact_declared(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, blob) in b.blobs.iter().enumerate() {
+        if !b.artifacts.iter().any(|a| a.name == blob.artifact) {
+            d.push(cx.diag(
+                cx.header_line("blob", i),
+                format!("blob[{i}].artifact"),
+                format!(
+                    "`{}` is not declared in an [[artifact]] table",
+                    blob.artifact
+                ),
+            ));
+        }
+    }
+}
+
+/// A loader written over the partition table destroys it (or the table, written last, cuts
+/// the loader).
+fn blob_after_table(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let table_end = table_end(b);
+    for (i, blob) in b.blobs.iter().enumerate() {
+        if blob.offset.0 < table_end {
+            d.push(cx.diag(
+                cx.header_line("blob", i),
+                format!("blob[{i}].offset"),
+                format!(
+                    "{} overlaps the partition table (ends at byte {table_end})",
+                    blob.offset
+                ),
+            ));
+        }
+    }
+}
+
+/// Loaders live in the gap before the first partition; one at or after its start would
+/// overwrite the boot filesystem.
+fn blob_before_first_partition(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let Some(fs) = b.partitions.first().and_then(|p| p.start.map(|s| s.0)) else {
+        return;
+    };
+    for (i, blob) in b.blobs.iter().enumerate() {
+        if blob.offset.0 >= fs {
+            d.push(cx.diag(
+                cx.header_line("blob", i),
+                format!("blob[{i}].offset"),
+                format!(
+                    "{} is at or after the first partition (byte {fs})",
+                    blob.offset
+                ),
+            ));
+        }
+    }
+}
+
+// ---- device trees by boot style ----
+
+/// U-Boot picks `$fdtfile` from `fdtdir`; a fixed `fdt` would boot the wrong tree on another
+/// board revision, and under QEMU (no $fdtfile) skip the entry.
+fn extlinux_fdtdir(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.boot == BootStyle::Extlinux && b.devicetree.fdtdir.is_none() {
+        d.push(cx.diag(
+            cx.key_span("[devicetree]"),
+            "devicetree.fdtdir",
+            "extlinux boards need `fdtdir` (U-Boot picks $fdtfile from it; never a fixed `fdt`)",
+        ));
+    }
+}
+
+/// config.txt names the device tree; with os_check the firmware refuses to boot without one
+/// matching the board.
+fn rpi_device_tree(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.boot == BootStyle::RpiFirmware && b.devicetree.device_tree.is_none() {
+        d.push(cx.diag(
+            cx.key_span("[devicetree]"),
+            "devicetree.device_tree",
+            "rpi-firmware boards need `device_tree` (config.txt names it explicitly)",
+        ));
+    }
+}
+
+// ---- targets and variants ----
+
+/// Every node boots from a target; a board with none leaves nodes nothing to pick.
+fn targets_present(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.targets.is_empty() {
+        d.push(cx.diag(
+            cx.key_span("default_target"),
+            "target",
+            "no [target.NAME] table; expected at least one storage device the board boots from",
+        ));
+    }
+}
+
+/// Nodes without `target` get `default_target`; it must be one the board has.
+fn default_target_exists(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if !b.targets.contains_key(&b.default_target) {
+        let names: Vec<&str> = b.targets.keys().map(String::as_str).collect();
+        d.push(cx.diag(
+            cx.key_span("default_target"),
+            "default_target",
+            format!(
+                "`{}` is not a [target.*] of this board; expected one of: {}",
+                b.default_target,
+                names.join(", ")
+            ),
+        ));
+    }
+}
+
+/// Target names appear in the inventory, in kiln.json and in messages: plain names only.
+fn target_names(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for name in b.targets.keys() {
+        if !is_name(name) {
+            d.push(cx.diag(
+                cx.key_span(&format!("[target.{name}]")),
+                format!("target.{name}"),
+                "target names are lower-case letters, digits, - and _",
+            ));
+        }
+    }
+}
+
+/// eeprom settings are printed for users to paste and config lines go into config.txt: a
+/// newline would inject another setting.
+fn target_lines_one_line(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (name, t) in &b.targets {
+        let at = cx.key_span(&format!("[target.{name}]"));
+        for (field, lines) in [("eeprom", &t.eeprom), ("config", &t.config)] {
+            for l in lines {
+                if !is_one_line(l) {
+                    d.push(cx.diag(
+                        at.clone(),
+                        format!("target.{name}.{field}"),
+                        format!("{l:?} is not one line; expected a single setting without control characters"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Firmware settings are printed with the command that sets them; without one users are told
+/// what to set but not how.
+fn eeprom_needs_tool(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (name, t) in &b.targets {
+        if !t.eeprom.is_empty() && b.eeprom_tool.is_none() {
+            d.push(cx.diag(
+                cx.key_span(&format!("[target.{name}]")),
+                format!("target.{name}.eeprom"),
+                "firmware settings need `eeprom_tool` (the command users run to set them)",
+            ));
+        }
+    }
+}
+
+/// Only rpi-firmware boards have a config.txt; elsewhere the lines would silently do nothing.
+fn target_config_rpi_only(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (name, t) in &b.targets {
+        if !t.config.is_empty() && b.boot != BootStyle::RpiFirmware {
+            d.push(cx.diag(
+                cx.key_span(&format!("[target.{name}]")),
+                format!("target.{name}.config"),
+                "config.txt lines are only for rpi-firmware boards",
+            ));
+        }
+    }
+}
+
+/// Variant names appear in the inventory, in kiln.json and in messages: plain names only.
+fn variant_names(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for name in b.variants.keys() {
+        if !is_name(name) {
+            d.push(cx.diag(
+                cx.key_span(&format!("[variant.{name}]")),
+                format!("variant.{name}"),
+                "variant names are lower-case letters, digits, - and _",
+            ));
+        }
+    }
+}
+
+/// extlinux boards take the tree from U-Boot's `$fdtfile`; a variant's device_tree would be
+/// ignored, so the variant would boot the wrong tree without a word.
+fn variant_device_tree_extlinux(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.boot != BootStyle::Extlinux {
+        return;
+    }
+    for (name, v) in &b.variants {
+        if v.device_tree.is_some() {
+            d.push(cx.diag(
+                cx.key_span(&format!("[variant.{name}]")),
+                format!("variant.{name}.device_tree"),
+                "extlinux boards take the device tree from U-Boot's $fdtfile; expected no device_tree",
+            ));
+        }
+    }
+}
+
+/// The firmware reads the variant's tree from the FAT root: it must be one of the copied
+/// files, or the board does not boot.
+fn variant_device_tree_copied(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.boot != BootStyle::RpiFirmware {
+        return;
+    }
+    for (name, v) in &b.variants {
+        if let Some(dt) = &v.device_tree
+            && !b.devicetree.copy.iter().any(|c| c.to == *dt)
+        {
+            d.push(cx.diag(
+                cx.key_span(&format!("[variant.{name}]")),
+                format!("variant.{name}.device_tree"),
+                format!(
+                    "`{dt}` is not the `to` of any [devicetree] copy; expected the file the firmware will find on the boot partition"
+                ),
+            ));
+        }
+    }
+}
+
+// ---- ranges: numbers checked before any arithmetic uses them (layout adds starts, sizes,
+// offsets and headroom), and what the table and the filesystems can hold; all of it would
+// otherwise fail the build, or panic in a table writer, instead of `kiln check` ----
+
+/// A GPT holds 128 entries and an MBR 4 primary partitions; the MBR writer has no slot for a
+/// fifth.
+fn partition_count(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let (table, max_parts) = match b.partition_table.kind {
+        TableKind::Gpt => ("a GPT", 128),
+        TableKind::Mbr => ("an MBR", 4),
+    };
+    if b.partitions.len() > max_parts {
+        d.push(cx.diag(
+            cx.header_line("partition", max_parts),
+            format!("partition[{max_parts}]"),
+            format!(
+                "{} partitions; {table} holds at most {max_parts}",
+                b.partitions.len()
+            ),
+        ));
+    }
+}
+
+/// Tables count whole 512-byte sectors; a zero, partial or huge size would be truncated or
+/// overflow the layout arithmetic.
+fn partition_size_range(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if let PartSize::Fixed(s) = p.size
+            && (s.0 == 0 || s.0 > MAX_DISK || !s.0.is_multiple_of(512))
+        {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].size"),
+                format!(
+                    "{s} is out of range; expected a whole number of 512-byte sectors, more than 0 and at most {}",
+                    ByteSize(MAX_DISK)
+                ),
+            ));
+        }
+    }
+}
+
+/// kiln formats FAT32 with clusters of at most 4 KiB, and FAT32 counts fewer than 2^28.
+fn fat32_max_size(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if let (PartSize::Fixed(s), FsKind::Vfat) = (p.size, p.fs)
+            && s.0 > MAX_FAT32
+        {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].size"),
+                format!(
+                    "{s} is too large for FAT32; expected at most {}",
+                    ByteSize(MAX_FAT32)
+                ),
+            ));
+        }
+    }
+}
+
+/// A start past the largest disk kiln makes would overflow the layout arithmetic.
+fn partition_start_range(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if let Some(start) = p.start
+            && start.0 > MAX_DISK
+        {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].start"),
+                format!(
+                    "{start} is out of range; expected at most {}",
+                    ByteSize(MAX_DISK)
+                ),
+            ));
+        }
+    }
+}
+
+/// Headroom is added to the root filesystem's size; a huge one would overflow it.
+fn headroom_range(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        if let Some(h) = p.headroom
+            && h.0 > MAX_DISK
+        {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].headroom"),
+                format!(
+                    "{h} is out of range; expected at most {}",
+                    ByteSize(MAX_DISK)
+                ),
+            ));
+        }
+    }
+}
+
+/// MBR entries hold 32-bit sector numbers: a start or size at or past 2 TiB does not fit.
+fn mbr_2tib(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.partition_table.kind != TableKind::Mbr {
+        return;
+    }
+    let too_far = |v: u64| v / 512 > u64::from(u32::MAX);
+    for (i, p) in b.partitions.iter().enumerate() {
+        let size_too_far = matches!(p.size, PartSize::Fixed(s) if too_far(s.0));
+        if p.start.is_some_and(|s| too_far(s.0)) || size_too_far {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!(
+                    "partition[{i}].{}",
+                    if size_too_far { "size" } else { "start" }
+                ),
+                "an MBR addresses at most 2 TiB; expected a start and size below 2TiB, or a GPT",
+            ));
+        }
+    }
+}
+
+/// A GPT entry holds a 36-character UTF-16 name; a longer one is cut by the table writer and
+/// control characters confuse every tool that prints it.
+fn gpt_partition_name(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.partition_table.kind != TableKind::Gpt {
+        return;
+    }
+    for (i, p) in b.partitions.iter().enumerate() {
+        if p.name.encode_utf16().count() > 36 || p.name.chars().any(char::is_control) {
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].name"),
+                format!(
+                    "{:?} does not fit a GPT partition name; expected at most 36 characters, no control characters",
+                    p.name
+                ),
+            ));
+        }
+    }
+}
+
+/// Labels go to the filesystem writers: FAT volume labels are 11 bytes of a restricted set
+/// (what mkfs.fat accepts; kiln upper-cases them), ext4 labels 16 bytes.
+fn partition_label(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, p) in b.partitions.iter().enumerate() {
+        let label_ok = match p.fs {
+            FsKind::Vfat => {
+                p.label.len() <= 11
+                    && p.label
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b" !#$%&'()-@^_`{}~".contains(&c))
+            }
+            FsKind::Ext4 => p.label.len() <= 16 && !p.label.chars().any(char::is_control),
+        };
+        if !label_ok {
+            let expected = match p.fs {
+                FsKind::Vfat => "at most 11 ASCII letters, digits, spaces or !#$%&'()-@^_`{}~",
+                FsKind::Ext4 => "at most 16 bytes without control characters",
+            };
+            d.push(cx.diag(
+                cx.header_line("partition", i),
+                format!("partition[{i}].label"),
+                format!(
+                    "{:?} is not a {:?} label; expected {expected}",
+                    p.label, p.fs
+                ),
+            ));
+        }
+    }
+}
+
+/// A blob offset past the largest disk would overflow the layout arithmetic.
+fn blob_offset_range(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, blob) in b.blobs.iter().enumerate() {
+        if blob.offset.0 > MAX_DISK {
+            d.push(cx.diag(
+                cx.header_line("blob", i),
+                format!("blob[{i}].offset"),
+                format!(
+                    "{} is out of range; expected at most {}",
+                    blob.offset,
+                    ByteSize(MAX_DISK)
+                ),
+            ));
+        }
+    }
+}
+
+// ---- the boot partition's files and the values written into its configuration ----
+
+/// Files the profile puts on the boot partition, with valid paths only (the others are
+/// reported by kernel-file-names and devicetree-copy-to): (path on the FAT, field, is a single
+/// file, the key whose line an error points at).
+fn boot_names(b: &BoardFile) -> Vec<(String, String, bool, &'static str)> {
+    let mut names = Vec::new();
+    for (field, key, v) in [
+        ("kernel.file", "file", &b.kernel.file),
+        ("kernel.initrd", "initrd", &b.kernel.initrd),
     ] {
-        let key = field.trim_start_matches("kernel.");
         if is_boot_path(v) {
             names.push((v.clone(), field.to_string(), true, key));
-        } else {
-            d.push(src.diag(
-                key_span(key),
+        }
+    }
+    for (i, c) in b.devicetree.copy.iter().enumerate() {
+        let to = c.to.strip_prefix('/').unwrap_or(&c.to);
+        if is_boot_path(to) {
+            names.push((
+                to.to_string(),
+                format!("devicetree.copy[{i}].to"),
+                false,
+                "copy",
+            ));
+        }
+    }
+    names
+}
+
+/// The kernel and initramfs names go into config.txt or extlinux.conf: a space or newline
+/// would split or inject a line, and `..` would leave the partition.
+fn kernel_file_names(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (field, key, v) in [
+        ("kernel.file", "file", &b.kernel.file),
+        ("kernel.initrd", "initrd", &b.kernel.initrd),
+    ] {
+        if !is_boot_path(v) {
+            d.push(cx.diag(
+                cx.key_span(key),
                 field,
                 format!(
                     "{v:?} is not a boot partition file name; expected a non-empty path of letters, digits and -_.+~,@= (no spaces, `.` or `..`)"
@@ -1046,28 +1638,37 @@ fn validate_boot_files(
             ));
         }
     }
+}
+
+/// Device trees are copied to `to` on the FAT partition, and extlinux.conf or config.txt may
+/// name them: the same plain paths as the kernel's.
+fn devicetree_copy_to(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     for (i, c) in b.devicetree.copy.iter().enumerate() {
         let to = c.to.strip_prefix('/').unwrap_or(&c.to);
-        let field = format!("devicetree.copy[{i}].to");
-        if is_boot_path(to) {
-            names.push((to.to_string(), field, false, "copy"));
-        } else {
-            d.push(src.diag(
-                key_span("copy"),
-                field,
+        if !is_boot_path(to) {
+            d.push(cx.diag(
+                cx.key_span("copy"),
+                format!("devicetree.copy[{i}].to"),
                 format!(
                     "{:?} is not a boot partition path; expected a non-empty path of letters, digits and -_.+~,@= (no spaces, `.` or `..`)",
                     c.to
                 ),
             ));
         }
+    }
+}
+
+/// `from` is looked up under the kernel's dtb directory in the base: `..` or an absolute path
+/// would copy other files of the base onto the boot partition.
+fn devicetree_copy_from(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, c) in b.devicetree.copy.iter().enumerate() {
         let from_ok = c
             .from
             .split('/')
             .all(|x| !x.is_empty() && x != "." && x != "..");
         if !from_ok {
-            d.push(src.diag(
-                key_span("copy"),
+            d.push(cx.diag(
+                cx.key_span("copy"),
                 format!("devicetree.copy[{i}].from"),
                 format!(
                     "{:?} is not a path inside the kernel's device-tree directory; expected e.g. \"rockchip\" (no `..`, no leading /)",
@@ -1076,12 +1677,18 @@ fn validate_boot_files(
             ));
         }
     }
+}
+
+/// kiln writes extlinux.conf, config.txt, cmdline.txt and kiln.json itself: a boot file at the
+/// same path (FAT names ignore case), or a directory where one of them goes, would be
+/// overwritten or break the write.
+fn boot_files_vs_generated(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     let generated: &[&str] = match b.boot {
         BootStyle::Extlinux => &["extlinux/extlinux.conf", "kiln.json"],
         BootStyle::RpiFirmware => &["config.txt", "cmdline.txt", "kiln.json"],
     };
     let key = |s: &str| s.to_ascii_lowercase();
-    for (i, (path, field, file, at)) in names.iter().enumerate() {
+    for (path, field, file, at) in &boot_names(b) {
         // A generated file at the same path, or one under a name this one takes.
         for g in generated {
             let (p, gl) = (key(path), key(g));
@@ -1089,8 +1696,8 @@ fn validate_boot_files(
                 || gl.starts_with(&format!("{p}/"))
                 || (*file && p.starts_with(&format!("{gl}/")))
             {
-                d.push(src.diag(
-                    key_span(at),
+                d.push(cx.diag(
+                    cx.key_span(at),
                     field.clone(),
                     format!(
                         "`{path}` collides with `{g}`, which kiln writes on the boot partition; expected another name"
@@ -1098,14 +1705,23 @@ fn validate_boot_files(
                 ));
             }
         }
+    }
+}
+
+/// FAT names ignore case: two boot files on the same path (or a file where another needs a
+/// directory) would overwrite each other, say the initramfs over the kernel.
+fn boot_files_distinct(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    let key = |s: &str| s.to_ascii_lowercase();
+    let names = boot_names(b);
+    for (i, (path, field, file, at)) in names.iter().enumerate() {
         for (other, ofield, ofile, _) in &names[..i] {
             let (p, o) = (key(path), key(other));
             let clash = p == o
                 || (*ofile && p.starts_with(&format!("{o}/")))
                 || (*file && o.starts_with(&format!("{p}/")));
             if clash {
-                d.push(src.diag(
-                    key_span(at),
+                d.push(cx.diag(
+                    cx.key_span(at),
                     field.clone(),
                     format!(
                         "`{path}` collides with `{other}` ({ofield}) on the boot partition (FAT names ignore case); expected distinct names"
@@ -1114,34 +1730,51 @@ fn validate_boot_files(
             }
         }
     }
-    // Values written into config.txt, cmdline.txt and extlinux.conf.
+}
+
+/// Command-line words are joined with spaces into cmdline.txt or an extlinux `append` line: a
+/// space, quote or newline would add words or lines.
+fn cmdline_words(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     for (i, w) in b.kernel.cmdline.iter().enumerate() {
         if !is_word(w) {
-            d.push(src.diag(
-                key_span("cmdline"),
+            d.push(cx.diag(
+                cx.key_span("cmdline"),
                 format!("kernel.cmdline[{i}]"),
                 format!("{w:?} is not one command-line word; expected no spaces, quotes or control characters"),
             ));
         }
     }
+}
+
+/// Consoles become `console=` words on the command line: the same as cmdline words.
+fn console_words(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     for (i, c) in b.kernel.consoles.iter().enumerate() {
         if !is_word(c) {
-            d.push(src.diag(
-                key_span("consoles"),
+            d.push(cx.diag(
+                cx.key_span("consoles"),
                 format!("kernel.consoles[{i}]"),
                 format!("{c:?} is not a console; expected `tty,baud` without spaces or control characters"),
             ));
         }
     }
+}
+
+/// `fdtdir` is written into extlinux.conf: a newline would inject, say, a fixed `fdt` line.
+fn fdtdir_word(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     if let Some(f) = &b.devicetree.fdtdir
         && !is_word(f)
     {
-        d.push(src.diag(
-            key_span("fdtdir"),
+        d.push(cx.diag(
+            cx.key_span("fdtdir"),
             "devicetree.fdtdir",
             format!("{f:?} is not a directory name; expected one word such as \"/dtbs/\""),
         ));
     }
+}
+
+/// `device_tree=` is a config.txt line (for the board and each variant): a newline would
+/// inject another setting, such as a dtoverlay.
+fn device_tree_names(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     let trees = std::iter::once((
         "devicetree.device_tree".to_string(),
         &b.devicetree.device_tree,
@@ -1155,17 +1788,22 @@ fn validate_boot_files(
         if let Some(dt) = dt
             && !is_boot_path(dt)
         {
-            d.push(src.diag(
-                key_span("device_tree"),
+            d.push(cx.diag(
+                cx.key_span("device_tree"),
                 field,
                 format!("{dt:?} is not a boot partition file name; expected e.g. \"bcm2712-rpi-5-b.dtb\""),
             ));
         }
     }
+}
+
+/// Each [rpi] config entry is one config.txt line; a newline would inject another (a different
+/// kernel=, say).
+fn rpi_config_lines(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     for (i, l) in b.rpi.config.iter().enumerate() {
         if !is_one_line(l) {
-            d.push(src.diag(
-                key_span("config"),
+            d.push(cx.diag(
+                cx.key_span("config"),
                 format!("rpi.config[{i}]"),
                 format!(
                     "{l:?} is not one line; expected a single setting without control characters"
@@ -1173,13 +1811,30 @@ fn validate_boot_files(
             ));
         }
     }
+}
+
+/// eeprom_tool is printed for users to run: control characters (escape sequences, newlines)
+/// could hide or change what they paste.
+fn eeprom_tool_line(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     if let Some(t) = &b.eeprom_tool
         && !is_one_line(t)
     {
-        d.push(src.diag(
-            key_span("eeprom_tool"),
+        d.push(cx.diag(
+            cx.key_span("eeprom_tool"),
             "eeprom_tool",
             format!("{t:?} is not one line; expected a command without control characters"),
+        ));
+    }
+}
+
+/// kiln lays out rpi-firmware boards like Raspberry Pi OS (MBR, FAT32 type 0x0c): the layout
+/// the EEPROM firmware is known to boot.
+fn rpi_firmware_mbr(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.boot == BootStyle::RpiFirmware && b.partition_table.kind != TableKind::Mbr {
+        d.push(cx.diag(
+            cx.key_span("kind"),
+            "partition_table.kind",
+            "rpi-firmware boards use an MBR here (what Raspberry Pi OS ships)",
         ));
     }
 }

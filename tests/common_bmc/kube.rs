@@ -3,6 +3,14 @@
 //! Node takes two more reads to finish, as k3s's etcd finalizer would. A node whose BMC slot
 //! is powered on again after a flash comes back Ready with a new boot ID. With
 //! [`FakeKube::watch_power`] it records whether a Node's slot was powered at its DELETE.
+//!
+//! By default the new boot appears at the first request after the power-on. With
+//! [`FakeKube::stale_for`], a Node object that survived the reimage (an agent's, which
+//! `kiln reimage` never deletes) is served unchanged — still Ready, still the old boot ID —
+//! for that many GETs of it after the power-on, or for ever: as a real cluster serves the old
+//! object until the new kubelet has registered and posted its status (the node controller
+//! marks it Unknown only after its grace period, and not at all if the new kubelet is quick).
+//! A deleted Node is gone (its kubelet is off), so it has no stale phase.
 
 use super::http::{self, Request, Response};
 use serde_json::{Value, json};
@@ -22,6 +30,24 @@ pub struct KState {
     /// Per DELETE: the Node's name and whether its slot was powered on then (`None`: not
     /// watched).
     pub power_at_delete: Vec<(String, Option<bool>)>,
+    /// How long a surviving Node keeps its old boot after the power-on.
+    pub stale: Stale,
+    /// GETs of the revived Node (`/api/v1/nodes/<name>`) since its slot was flashed and
+    /// powered on again, whatever they returned.
+    pub reads_after_power_on: u32,
+}
+
+/// How long a Node object that survived the reimage is served unchanged (its old boot, as it
+/// was) after the slot is flashed and powered on again.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Stale {
+    /// The new boot appears at once (the default).
+    #[default]
+    No,
+    /// For this many GETs of the Node; the next one shows the new boot.
+    Reads(u32),
+    /// The new boot never appears.
+    Forever,
 }
 
 pub struct FakeKube {
@@ -65,10 +91,24 @@ impl FakeKube {
             if let Some((name, slot, bmc, back)) = &revive {
                 let b = bmc.lock().unwrap();
                 let flashed_and_on = b.power[*slot - 1] && !b.uploads.is_empty();
-                let stale = s.nodes.get(name).is_none_or(|n| {
+                if flashed_and_on
+                    && req.method == "GET"
+                    && req.path == format!("/api/v1/nodes/{name}")
+                {
+                    s.reads_after_power_on += 1;
+                }
+                // The Node object from before, if it survived the reimage.
+                let old = s.nodes.get(name).is_some_and(|n| {
                     n["status"]["nodeInfo"]["bootID"] != back["status"]["nodeInfo"]["bootID"]
                 });
-                if flashed_and_on && stale && !s.deleting.contains_key(name) {
+                let held = old
+                    && match s.stale {
+                        Stale::No => false,
+                        Stale::Reads(n) => s.reads_after_power_on <= n,
+                        Stale::Forever => true,
+                    };
+                let missing = !s.nodes.contains_key(name);
+                if flashed_and_on && (old || missing) && !held && !s.deleting.contains_key(name) {
                     s.nodes.insert(name.clone(), back.clone());
                 }
             }
@@ -135,6 +175,16 @@ impl FakeKube {
             .unwrap()
             .slots
             .insert(name.to_string(), (slot, bmc));
+    }
+
+    /// Serves a Node that survives the reimage with its old boot for `stale` after the power-on
+    /// (see [`Stale`]).
+    pub fn stale_for(&self, stale: Stale) {
+        self.state.lock().unwrap().stale = stale;
+    }
+
+    pub fn reads_after_power_on(&self) -> u32 {
+        self.state.lock().unwrap().reads_after_power_on
     }
 
     pub fn deletes(&self) -> Vec<String> {
