@@ -137,7 +137,8 @@ fn k3s_is_downloaded_verified_cached_and_installed_like_the_installer() {
             off,
             &format!("/etc/systemd/system/multi-user.target.wants/{unit}")
         ));
-        // What is enabled: first boot, networkd, timesyncd and the wait for the first NTP answer.
+        // What is enabled: first boot, networkd, timesyncd and kiln's bounded wait for the first
+        // NTP answer (not systemd's unbounded one).
         for (wants, unit, target) in [
             (
                 "multi-user.target.wants",
@@ -146,8 +147,8 @@ fn k3s_is_downloaded_verified_cached_and_installed_like_the_installer() {
             ),
             (
                 "sysinit.target.wants",
-                "systemd-time-wait-sync.service",
-                "/usr/lib/systemd/system/systemd-time-wait-sync.service",
+                "kiln-time-wait.service",
+                "/etc/systemd/system/kiln-time-wait.service",
             ),
             (
                 "sysinit.target.wants",
@@ -161,6 +162,54 @@ fn k3s_is_downloaded_verified_cached_and_installed_like_the_installer() {
                 "{node}: {unit} not enabled"
             );
         }
+        assert!(!exists(
+            &img,
+            off,
+            "/etc/systemd/system/sysinit.target.wants/systemd-time-wait-sync.service"
+        ));
+        // Day two: the boot partition is mounted by PARTUUID, and every kernel hook runs
+        // kiln-boot-sync with the board's data.
+        let fstab = cat(&img, off, "/etc/fstab");
+        assert!(
+            fstab.contains("\t/boot/firmware\tvfat\t") && fstab.contains("PARTUUID="),
+            "{fstab}"
+        );
+        assert!(exists(&img, off, "/boot/firmware"));
+        for hook in [
+            "/etc/kernel/postinst.d/zz-kiln-boot-sync",
+            "/etc/kernel/postrm.d/zz-kiln-boot-sync",
+            "/etc/initramfs/post-update.d/zz-kiln-boot-sync",
+        ] {
+            assert!(
+                cat(&img, off, hook).contains("exec /usr/lib/kiln/kiln-boot-sync"),
+                "{node}: {hook}"
+            );
+        }
+        // apt itself reads the Post-Invoke hook (syntax checked by apt-config).
+        let hook = cat(&img, off, "/etc/apt/apt.conf.d/99kiln-boot-sync");
+        let conf = ws.dir.join(format!("{node}-apt.conf"));
+        std::fs::write(&conf, &hook).unwrap();
+        let o = std::process::Command::new("apt-config")
+            .arg("-c")
+            .arg(&conf)
+            .arg("dump")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("/usr/lib/kiln/kiln-boot-sync"),
+            "{node}: apt does not read the hook: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let env = cat(&img, off, "/etc/kiln/boot.env");
+        assert!(
+            env.contains(if node.starts_with("pi5") {
+                "KILN_BOOT_STYLE='rpi-firmware'"
+            } else {
+                "KILN_BOOT_STYLE='extlinux'"
+            }) && env.contains("KILN_CMDLINE='root=PARTUUID="),
+            "{env}"
+        );
         assert!(exists(&img, off, "/usr/lib/clock-epoch"));
         let ntp = cat(&img, off, "/etc/systemd/timesyncd.conf.d/50-kiln.conf");
         assert!(ntp.contains("NTP=192.168.100.1 pool.ntp.org"), "{ntp}");

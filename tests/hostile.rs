@@ -162,7 +162,7 @@ fn board_numbers_are_range_checked() {
     );
     board_rule(
         "rk1",
-        "size = \"256MiB\"",
+        "size = \"512MiB\"",
         "size = 1000",
         "[[partition]]",
         &["partition[0].size", "out of range", "512-byte sectors"],
@@ -197,7 +197,7 @@ fn board_numbers_are_range_checked() {
     );
     board_rule(
         "rk1",
-        "size = \"256MiB\"",
+        "size = \"512MiB\"",
         "size = \"600GiB\"",
         "[[partition]]",
         &["partition[0].size", "too large for FAT32"],
@@ -373,7 +373,7 @@ fn boot_configuration_values_cannot_inject_lines() {
 fn board_type_errors_name_the_field_path() {
     board_rule(
         "rk1",
-        "size = \"256MiB\"",
+        "size = \"512MiB\"",
         "size = true",
         "size = true",
         &["partition[0].size", "expected a size"],
@@ -776,7 +776,7 @@ fn truncated_image_and_looping_fat_are_warnings_not_hangs() {
     assert!(
         out.contains("warning: the backup GPT header belongs at LBA")
             && out.contains(
-                "warning: partition 1 (bytes 16777216 to 285212672) runs past the end of the file"
+                "warning: partition 1 (bytes 16777216 to 553648128) runs past the end of the file"
             )
             && out.contains("warning: partition 2")
             && out.contains("is the image truncated?"),

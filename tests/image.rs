@@ -51,7 +51,7 @@ fn rk1_image_passes_independent_checks() {
         16 << 20,
         "first partition must start at 16 MiB"
     );
-    assert_eq!(parts[0].size, 256 << 20);
+    assert_eq!(parts[0].size, 512 << 20);
 
     // Loader at 32 KiB, byte for byte, and nothing of it past the first partition.
     let mut at = vec![0u8; ub_data.len()];

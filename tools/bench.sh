@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make bench: kiln against genimage on the same base and layout (GPT, 256 MiB FAT32 boot,
+# make bench: kiln against genimage on the same base and layout (GPT, 512 MiB FAT32 boot,
 # ext4 root), end to end from the base tarball to a finished raw image; kiln build --all
 # against five single builds; peak RSS for the base and for a base twice its size.
 # Runs are interleaved; the table shows medians and ratios. Prints numbers, asserts nothing.
@@ -53,7 +53,7 @@ genimage_one() {
     cat > "$work/g/genimage.cfg" <<EOF
 image boot.vfat {
     vfat { extraargs = "-F 32" files = { "$work/g/boot/vmlinuz", "$work/g/boot/initrd.img" } }
-    size = 256M
+    size = 512M
 }
 image root.ext4 {
     ext4 { use-mke2fs = true label = "rootfs" }

@@ -4,69 +4,9 @@
 use super::fat::BootFiles;
 use crate::config::board::BootStyle;
 use crate::plan::NodePlan;
+use crate::plan::boot::{cmdline, extlinux_conf, rpi_config_txt};
 use crate::rootfs::base::KernelFiles;
 use anyhow::{Result, bail};
-
-/// The kernel command line: `root=PARTUUID=...`, the board's words, then the consoles
-/// (the last `console=` becomes /dev/console).
-pub fn cmdline(plan: &NodePlan) -> String {
-    let k = &plan.board.spec.kernel;
-    let mut words = vec![format!("root=PARTUUID={}", plan.root_partuuid())];
-    words.extend(k.cmdline.iter().cloned());
-    words.extend(k.consoles.iter().map(|c| format!("console={c}")));
-    words.join(" ")
-}
-
-fn extlinux_conf(plan: &NodePlan, version: &str) -> String {
-    let k = &plan.board.spec.kernel;
-    // Invariant: board validation requires fdtdir for extlinux boards.
-    let fdtdir = plan.board.spec.devicetree.fdtdir.as_deref().unwrap_or("/");
-    format!(
-        "# Written by kiln for {node}. U-Boot distro boot reads this file.\n\
-         # `fdtdir` (not `fdt`): U-Boot loads $fdtfile from it, and where $fdtfile is unset\n\
-         # (QEMU) it falls back to its own device tree instead of skipping this entry.\n\
-         default kiln\n\
-         menu title kiln: {node}\n\
-         timeout 10\n\
-         \n\
-         label kiln\n\
-         \x20   menu label {node} ({board}, kernel {ver})\n\
-         \x20   kernel /{kernel}\n\
-         \x20   initrd /{initrd}\n\
-         \x20   fdtdir {fdtdir}\n\
-         \x20   append {append}\n",
-        node = plan.node.name,
-        board = plan.board.name(),
-        ver = version,
-        kernel = k.file,
-        initrd = k.initrd,
-        append = cmdline(plan),
-    )
-}
-
-fn rpi_config_txt(plan: &NodePlan) -> String {
-    let spec = &plan.board.spec;
-    let mut s = format!(
-        "# Written by kiln for {}. Read by the Raspberry Pi 5 EEPROM firmware.\n\
-         kernel={}\n\
-         initramfs {} followkernel\n\
-         device_tree={}\n\
-         enable_uart=1\n",
-        plan.node.name,
-        spec.kernel.file,
-        spec.kernel.initrd,
-        plan.device_tree().unwrap_or_default(),
-    );
-    let target_lines = plan
-        .target()
-        .map(|t| t.config.as_slice())
-        .unwrap_or_default();
-    for l in spec.rpi.config.iter().chain(target_lines) {
-        s.push_str(l);
-        s.push('\n');
-    }
-    s
-}
 
 /// Every file of the boot partition.
 pub fn boot_files(plan: &NodePlan, kernel: &KernelFiles, identity_json: &str) -> Result<BootFiles> {

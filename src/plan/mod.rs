@@ -1,6 +1,7 @@
 //! Plan stage: a pure function from the validated configuration to what one node's image holds
 //! (identity, derived identifiers, the artifacts it needs). Nothing here touches the disk image.
 
+pub mod boot;
 pub mod hash;
 
 use crate::config::Config;
@@ -148,7 +149,23 @@ impl NodePlan {
     /// `root=` value for the kernel command line. PARTUUID is resolved by the kernel itself,
     /// so it works without help from the initramfs.
     pub fn root_partuuid(&self) -> String {
-        let idx = self.root_index();
+        self.partuuid(self.root_index())
+    }
+
+    /// PARTUUID of the boot partition (mounted at `/boot/firmware` by /etc/fstab).
+    pub fn boot_partuuid(&self) -> String {
+        // Invariant: board validation guarantees exactly one boot partition.
+        let idx = self
+            .board
+            .spec
+            .partitions
+            .iter()
+            .position(|p| p.content == crate::config::board::Content::Boot)
+            .unwrap_or(0);
+        self.partuuid(idx)
+    }
+
+    fn partuuid(&self, idx: usize) -> String {
         match self.board.spec.partition_table.kind {
             TableKind::Gpt => self.ids.partition_guids[idx].to_string(),
             TableKind::Mbr => format!("{:08x}-{:02x}", self.ids.mbr_signature, idx + 1),

@@ -1,6 +1,7 @@
 //! Rootfs stage: the base tarball, overlays and per-node files, merged into one tar stream.
 
 pub mod base;
+pub mod boot;
 pub mod bootstrap;
 pub mod identity;
 pub mod k3s;

@@ -11,6 +11,8 @@ use anyhow::Result;
 const FIRSTBOOT_SH: &str = include_str!("../../firstboot/kiln-firstboot.sh");
 const JOIN_SH: &str = include_str!("../../firstboot/kiln-join.sh");
 const FIRSTBOOT_UNIT: &str = include_str!("../../firstboot/kiln-firstboot.service");
+const TIME_WAIT_SH: &str = include_str!("../../firstboot/kiln-time-wait.sh");
+const TIME_WAIT_UNIT: &str = include_str!("../../firstboot/kiln-time-wait.service");
 const SSH_DROPIN: &str = include_str!("../../firstboot/ssh-host-keys.conf");
 
 /// Root-only secret files (mode 0600 in a 0700 or root-owned directory).
@@ -125,12 +127,19 @@ pub fn node_tree(plan: &NodePlan, identity: &Identity, token: &Token) -> Result<
         "systemd-timesyncd.service",
         "usr/lib/systemd/system",
     );
-    // time-sync.target waits for the first NTP answer; k3s is ordered after it.
+    // time-sync.target (k3s is ordered after it) waits for the first NTP answer on first
+    // boot only, and for a bounded time (kiln-time-wait.sh).
+    t.file("usr/lib/kiln/kiln-time-wait.sh", 0o755, TIME_WAIT_SH);
+    t.file(
+        "etc/systemd/system/kiln-time-wait.service",
+        0o644,
+        TIME_WAIT_UNIT,
+    );
     enable(
         &mut t,
         "sysinit.target",
-        "systemd-time-wait-sync.service",
-        "usr/lib/systemd/system",
+        "kiln-time-wait.service",
+        "etc/systemd/system",
     );
 
     // Secrets: root-only, in the root filesystem only.
@@ -144,6 +153,9 @@ pub fn node_tree(plan: &NodePlan, identity: &Identity, token: &Token) -> Result<
         0o600,
         token.node_password(&plan.node.name) + "\n",
     );
+
+    // Day two: the boot partition mounted, kernel updates synced onto it.
+    super::boot::add(&mut t, plan);
 
     // First boot.
     t.file("etc/kiln/node.env", 0o644, node_env(plan));

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """TEST DOUBLE: a minimal SNTP server for the QEMU boot tests (not an NTP implementation).
 
-The images wait for time sync before k3s starts (systemd-time-wait-sync), and the guests'
+On first boot the images wait (bounded) for time sync before k3s starts, and the guests'
 NTP server is the inventory's gateway, which QEMU maps to this machine's loopback (or, for the
 cluster, an address in the test's own network namespace). Answers every request with the
 host clock, stratum 1. Usage: sntp.py ADDRESS [PORT]
