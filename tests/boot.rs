@@ -325,26 +325,31 @@ impl BootWs {
         d
     }
 
+    /// Options for ssh and scp: the test key, no host-key checks (every boot makes new keys).
+    fn ssh_opts(&self) -> Vec<String> {
+        [
+            "-i",
+            self.key.to_str().unwrap(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
     fn ssh(&self, port: u16, cmd: &str) -> Result<String, String> {
         let o = Command::new("ssh")
-            .args([
-                "-i",
-                self.key.to_str().unwrap(),
-                "-p",
-                &port.to_string(),
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "ConnectTimeout=10",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "LogLevel=ERROR",
-                "root@127.0.0.1",
-                cmd,
-            ])
+            .args(self.ssh_opts())
+            .args(["-p", &port.to_string(), "root@127.0.0.1", cmd])
             .output()
             .map_err(|e| format!("ssh: {e}"))?;
         if !o.status.success() {
@@ -434,6 +439,18 @@ fn check_node(bw: &BootWs, vm: &Vm, ssh: u16, api: u16, name: &str, ip: &str) ->
         size > 2_300_000_000,
         "{name}: root is {size} bytes, not grown"
     );
+    // The boot partition is mounted where the kernel hooks write (by PARTUUID, /etc/fstab).
+    let mnt = must(
+        &vms,
+        bw.ssh(
+            ssh,
+            "findmnt -n -o FSTYPE /boot/firmware; ls /boot/firmware",
+        ),
+    );
+    assert!(
+        mnt.starts_with("vfat\n") && mnt.contains("kiln.json"),
+        "{name}: /boot/firmware: {mnt}"
+    );
     let done = must(&vms, bw.ssh(ssh, "ls /var/lib/kiln/"));
     assert!(done.contains("firstboot.done"), "{name}: {done}");
     let active = must(&vms, bw.ssh(ssh, "systemctl is-active k3s.service"));
@@ -466,7 +483,7 @@ fn check_node(bw: &BootWs, vm: &Vm, ssh: u16, api: u16, name: &str, ip: &str) ->
 #[ignore = "slow tier: boots real images under QEMU (make test)"]
 fn rk1_and_pi5_images_boot_configure_themselves_and_start_k3s_once() {
     let bw = boot_workspace("boot-single");
-    let _ntp = sntp(&[], "127.0.0.1");
+    let ntp = sntp(&[], "127.0.0.1");
     let rk1 = bw.build("rk1-1", "out", &[]);
     let pi5 = bw.build("pi5-staging", "out", &[]);
     let rk1_disk = bw.disk(&rk1, "rk1-1");
@@ -517,17 +534,69 @@ fn rk1_and_pi5_images_boot_configure_themselves_and_start_k3s_once() {
             "{}",
             vm.name
         );
+        // First boot waited for the clock, and NTP answered.
+        assert!(
+            l.contains("kiln-time-wait: clock synchronised by NTP after"),
+            "{}: no NTP wait on first boot",
+            vm.name
+        );
     }
     let rk1_key = check_node(&bw, &a, rk1_ssh, rk1_api, "rk1-1", "192.168.100.11");
     let pi5_key = check_node(&bw, &b, pi5_ssh, pi5_api, "pi5-staging", "192.168.100.10");
     assert_ne!(rk1_key, pi5_key, "two nodes share an SSH host key");
 
+    // The Pi 5's kernel hook, run by hand on the real image with its real kernel: the kernel,
+    // initramfs, device trees and cmdline.txt go to k/<dir>/ and config.txt names it.
+    let sync = must(
+        &[&a, &b],
+        bw.ssh(pi5_ssh, "/usr/lib/kiln/kiln-boot-sync 2>&1"),
+    );
+    assert!(sync.contains("kiln-boot-sync: staged kernel"), "{sync}");
+
     for (vm, port) in [(&a, rk1_ssh), (&b, pi5_ssh)] {
         let _ = bw.ssh(port, "systemctl poweroff");
         must(&[], vm.wait_exit(Duration::from_secs(180)));
     }
+    // Read back from outside with mtools, as the firmware would find it.
+    let (_, parts) = sfdisk(&pi5_disk);
+    let fat = format!("{}@@{}", pi5_disk.display(), parts[0].start);
+    let o = run("mtype", &["-i", &fat, "::config.txt"]);
+    assert_ok(&o, "mtype config.txt");
+    let config = stdout(&o);
+    let dir = config
+        .lines()
+        .find_map(|l| l.strip_prefix("os_prefix="))
+        .unwrap_or_else(|| panic!("no os_prefix in config.txt:\n{config}"))
+        .to_string();
+    assert!(
+        config.contains("device_tree=bcm2712-rpi-5-b.dtb") && dir.starts_with("k/"),
+        "{config}"
+    );
+    let o = run(
+        "mdir",
+        &[
+            "-i",
+            &fat,
+            "-b",
+            &format!("::{}", dir.trim_end_matches('/')),
+        ],
+    );
+    assert_ok(&o, "mdir");
+    let listed = stdout(&o);
+    for f in [
+        "kernel_2712.img",
+        "initramfs_2712",
+        "cmdline.txt",
+        "bcm2712-rpi-5-b.dtb",
+    ] {
+        assert!(listed.contains(f), "{dir}: no {f}:\n{listed}");
+    }
+    let o = run("mtype", &["-i", &fat, &format!("::{dir}cmdline.txt")]);
+    assert!(stdout(&o).starts_with("root=PARTUUID="), "{}", stdout(&o));
 
-    // Second boot of the RK1: first boot does not run again; k3s starts because it is enabled.
+    // Second boot of the RK1, with no NTP server answering (a power cut while the internet is
+    // down): first boot does not run again, and k3s starts without waiting for the clock.
+    drop(ntp);
     let mut args = rk1_args(&rk1_disk);
     args.extend(user_net("192.168.100.11", rk1_ssh, rk1_api, 0x11));
     let a = Vm::start("rk1-1 (second boot)", &bw.ws.path("rk1-1.console"), &args);
@@ -541,6 +610,12 @@ fn rk1_and_pi5_images_boot_configure_themselves_and_start_k3s_once() {
     assert!(
         !second.contains("kiln-firstboot: step"),
         "first boot ran again:\n{second}"
+    );
+    assert!(
+        second.contains("kiln-time-wait: not the first boot; not waiting for NTP")
+            && !second.contains("kiln-time-wait: clock synchronised"),
+        "the second boot waited for NTP:\n{}",
+        a.tail(40)
     );
     let again = check_node(&bw, &a, rk1_ssh, rk1_api, "rk1-1", "192.168.100.11");
     assert_eq!(again, rk1_key, "host key changed on the second boot");
@@ -757,4 +832,175 @@ fn a_cluster_forms_and_a_reimaged_server_rejoins_without_splitting_it() {
     );
     assert!(!log.contains("K3S-STANDIN"), "started k3s without a peer");
     assert!(!log.contains("initialising"), "initialised without a peer");
+}
+
+impl BootWs {
+    fn scp(&self, port: u16, from: &[PathBuf], to: &str) -> Result<(), String> {
+        let mut args = self.ssh_opts();
+        args.extend(["-P".to_string(), port.to_string()]);
+        args.extend(from.iter().map(|p| p.display().to_string()));
+        args.push(format!("root@127.0.0.1:{to}"));
+        let o = Command::new("scp")
+            .args(&args)
+            .output()
+            .map_err(|e| format!("scp: {e}"))?;
+        if !o.status.success() {
+            return Err(format!("scp failed: {}", stderr(&o)));
+        }
+        Ok(())
+    }
+}
+
+/// Powers a guest off from inside and waits for QEMU to exit.
+fn power_off(bw: &BootWs, vm: &Vm, ssh: u16) {
+    let _ = bw.ssh(ssh, "systemctl poweroff");
+    must(&[], vm.wait_exit(Duration::from_secs(180)));
+}
+
+/// Powers `vm` off and boots the disk again; returns the new VM and its `uname -r`.
+fn rk1_reboot(bw: &BootWs, vm: Vm, disk: &Path, what: &str, ports: (u16, u16)) -> (Vm, String) {
+    power_off(bw, &vm, ports.0);
+    drop(vm);
+    rk1_boot_and_uname(bw, disk, what, ports.0, ports.1)
+}
+
+/// kiln's cache (as `kiln` finds it), where the downloaded kernel packages are kept too.
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("kiln");
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln")
+}
+
+/// Boots the RK1 image once more (QEMU's U-Boot reads extlinux.conf from the FAT partition)
+/// and returns `uname -r`.
+fn rk1_boot_and_uname(bw: &BootWs, disk: &Path, what: &str, ssh: u16, api: u16) -> (Vm, String) {
+    let mut args = rk1_args(disk);
+    args.extend(user_net("192.168.100.11", ssh, api, 0x11));
+    let vm = Vm::start(what, &bw.ws.path("rk1-kernel.console"), &args);
+    let t = must(&[&vm], vm.wait_for("rk1-1 login:", LOGIN_WAIT));
+    eprintln!("{what}: login at {:.0} s", t.as_secs_f64());
+    let uname = must(&[&vm], bw.ssh(ssh, "uname -r")).trim().to_string();
+    (vm, uname)
+}
+
+/// Day two: a real second Debian kernel (trixie-backports' linux-image-arm64, downloaded by
+/// tools/kernel-debs.sh from the Debian mirror; the guest has no network) installed inside a
+/// booted RK1 image reaches the boot partition through the kernel hooks, and the node boots it
+/// through U-Boot and extlinux.conf; removed again (apt, whose Post-Invoke hook finishes the
+/// sync once dpkg is done), the node boots the kernel it was built with.
+#[test]
+#[ignore = "slow tier: boots real images under QEMU (make test)"]
+fn an_installed_kernel_is_booted_and_a_removed_one_is_not() {
+    let bw = boot_workspace("boot-kernel");
+    let debs = std::env::var_os("KILN_KERNEL_DEBS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("kernel-debs"));
+    let o = Command::new("bash")
+        .arg(repo().join("tools/kernel-debs.sh"))
+        .arg(&debs)
+        .output()
+        .unwrap();
+    assert_ok(&o, "tools/kernel-debs.sh");
+    let new_version = stdout(&o).trim().to_string();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&debs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 5, "{files:?}");
+
+    let _ntp = sntp(&[], "127.0.0.1");
+    let img = bw.build("rk1-1", "out", &[]);
+    let disk = bw.disk(&img, "rk1-kernel");
+    let (ssh, api) = (free_port(), free_port());
+    let started = Instant::now();
+    let (vm, baked) = rk1_boot_and_uname(&bw, &disk, "rk1-1 (built kernel)", ssh, api);
+    assert_ne!(baked, new_version, "the base already runs {new_version}");
+    // Room for the new kernel's modules: wait until first boot has grown the root.
+    must(
+        &[&vm],
+        vm.wait_for("kiln-firstboot: step grow-root: done", FIRSTBOOT_WAIT),
+    );
+    must(&[&vm], bw.scp(ssh, &files, "/root/"));
+    let t = Instant::now();
+    let out = must(
+        &[&vm],
+        bw.ssh(
+            ssh,
+            "export DEBIAN_FRONTEND=noninteractive; dpkg -i /root/linux-base_*.deb && dpkg -i /root/linux-base-7*.deb /root/linux-binary-*.deb /root/linux-modules-*.deb /root/linux-image-*.deb 2>&1",
+        ),
+    );
+    eprintln!("install: {:.0} s", t.elapsed().as_secs_f64());
+    assert!(
+        out.contains(&format!("kiln-boot-sync: staged kernel {new_version}")),
+        "the kernel hooks did not stage {new_version}:\n{out}"
+    );
+    let conf = must(
+        &[&vm],
+        bw.ssh(ssh, "cat /boot/firmware/extlinux/extlinux.conf"),
+    );
+    let first = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("kernel /k/"))
+        .unwrap_or("");
+    assert!(first.starts_with(&new_version), "{conf}");
+    assert!(
+        conf.contains(&format!("kernel {baked})")),
+        "no way back in:\n{conf}"
+    );
+    let (vm, running) = rk1_reboot(&bw, vm, &disk, "rk1-1 (new kernel)", (ssh, api));
+    assert_eq!(
+        running, new_version,
+        "U-Boot did not boot the installed kernel"
+    );
+    // Removing the running kernel needs its question answered; apt's Post-Invoke hook syncs
+    // once all four packages are gone.
+    let out = must(
+        &[&vm],
+        bw.ssh(
+            ssh,
+            &format!(
+                "echo 'linux-base linux-base/removing-running-kernel boolean false' | debconf-set-selections; \
+                 DEBIAN_FRONTEND=noninteractive apt-get -y remove linux-image-{v} linux-binary-{v} linux-modules-{v} linux-base-{v} 2>&1",
+                v = new_version
+            ),
+        ),
+    );
+    let conf = must(
+        &[&vm],
+        bw.ssh(
+            ssh,
+            "cat /boot/firmware/extlinux/extlinux.conf; ls /boot/firmware/k",
+        ),
+    );
+    assert!(
+        !conf.contains(&new_version) && conf.contains(&format!("kernel {baked})")),
+        "after the removal:\n{conf}\napt said:\n{out}"
+    );
+    let (vm, running) = rk1_reboot(&bw, vm, &disk, "rk1-1 (after removal)", (ssh, api));
+    assert_eq!(
+        running, baked,
+        "the node does not boot its remaining kernel"
+    );
+    power_off(&bw, &vm, ssh);
+    eprintln!(
+        "kernel update round trip: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // From outside: the FAT partition holds the remaining kernel's directory and a clean FAT.
+    let (_, parts) = sfdisk(&disk);
+    let fat = format!("{}@@{}", disk.display(), parts[0].start);
+    let o = run("mdir", &["-i", &fat, "-b", "::/k"]);
+    assert_ok(&o, "mdir");
+    let listed = stdout(&o);
+    assert!(
+        listed.contains(&baked) && !listed.contains(&new_version),
+        "{listed}"
+    );
 }
