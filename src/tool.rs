@@ -59,23 +59,37 @@ impl Tool {
         s
     }
 
-    /// Starts the program with a pipe on stdin; stderr is collected by a thread so a chatty
-    /// program cannot block on a full pipe.
-    pub fn spawn_with_stdin(&self) -> Result<Running> {
+    /// The command with its arguments and environment.
+    fn command(&self) -> Command {
         let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(&self.args);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().with_context(|| {
-            format!(
-                "{}: cannot run `{}` (is it installed?)",
-                self.description, self.program
-            )
-        })?;
+        cmd
+    }
+
+    /// Starts `cmd` (from [`Tool::command`]), naming the program when it cannot.
+    fn spawn(&self, cmd: &mut Command) -> Result<Child> {
+        cmd.spawn().with_context(|| self.cannot_run())
+    }
+
+    fn cannot_run(&self) -> String {
+        format!(
+            "{}: cannot run `{}` (is it installed?)",
+            self.description, self.program
+        )
+    }
+
+    /// Starts the program with a pipe on stdin; stderr is collected by a thread so a chatty
+    /// program cannot block on a full pipe.
+    pub fn spawn_with_stdin(&self) -> Result<Running> {
+        let mut child = self.spawn(
+            self.command()
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )?;
         let mut stderr = child.stderr.take();
         let collector = std::thread::spawn(move || {
             let mut s = String::new();
@@ -94,17 +108,7 @@ impl Tool {
 
     /// Runs to completion, returning stdout.
     pub fn output(&self) -> Result<String> {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().with_context(|| {
-            format!(
-                "{}: cannot run `{}` (is it installed?)",
-                self.description, self.program
-            )
-        })?;
+        let out = self.command().output().with_context(|| self.cannot_run())?;
         if !out.status.success() {
             bail!(
                 "{} failed ({}): `{}`\n  {}",
@@ -159,20 +163,12 @@ impl Tool {
         on_line: &dyn Fn(&str),
     ) -> Result<()> {
         let _ = writeln!(log, "# {}", self.argv());
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().with_context(|| {
-            format!(
-                "{}: cannot run `{}` (is it installed?)",
-                self.description, self.program
-            )
-        })?;
+        let mut child = self.spawn(
+            self.command()
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )?;
         // Dropped once the child is reaped: its pid could be reused after that.
         let pid = rustix::process::Pid::from_child(&child);
         let stop_child = crate::cleanup::on_interrupt(move || {
