@@ -46,7 +46,7 @@ pub fn node_contents(
         },
     )?;
     let identity_json = serde_json::to_string_pretty(&identity)? + "\n";
-    let overlay = overlay_for(plan, &identity, k3s, &token)?;
+    let overlay = overlay_for(plan, &identity_json, k3s, &token)?;
     Ok(NodeContents {
         identity,
         identity_json,
@@ -57,9 +57,10 @@ pub fn node_contents(
 
 /// Everything kiln adds on top of the base, in the order it applies: k3s, repository overlays
 /// (inventory order), then the node's own files, which always win.
+/// `identity_json` is the node's identity as written (the same bytes go on the boot partition).
 pub fn overlay_for(
     plan: &NodePlan,
-    identity: &Identity,
+    identity_json: &str,
     k3s: &K3sFiles,
     token: &Token,
 ) -> Result<Tree> {
@@ -69,6 +70,6 @@ pub fn overlay_for(
         o.add_dir_from_host(dir)?;
         t.merge(o);
     }
-    t.merge(node::node_tree(plan, identity, token)?);
+    t.merge(node::node_tree(plan, identity_json, token)?);
     Ok(t)
 }

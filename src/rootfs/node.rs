@@ -1,7 +1,6 @@
 //! Per-node files: identity, hosts, the static ServerLAN address, root's SSH keys, the
 //! cluster secrets (root-only), the clock floor, and first boot with its join inputs.
 
-use super::identity::Identity;
 use crate::config::inventory::Role;
 use crate::plan::NodePlan;
 use crate::secrets::Token;
@@ -91,7 +90,7 @@ pub fn hosts_file(plan: &NodePlan) -> String {
 }
 
 /// Per-node files as an overlay tree.
-pub fn node_tree(plan: &NodePlan, identity: &Identity, token: &Token) -> Result<Tree> {
+pub fn node_tree(plan: &NodePlan, identity_json: &str, token: &Token) -> Result<Tree> {
     let mut t = Tree::default();
     t.file("etc/hostname", 0o644, format!("{}\n", plan.node.name));
     t.file("etc/hosts", 0o644, hosts_file(plan));
@@ -178,9 +177,7 @@ pub fn node_tree(plan: &NodePlan, identity: &Identity, token: &Token) -> Result<
         SSH_DROPIN,
     );
 
-    let mut json = serde_json::to_string_pretty(identity)?;
-    json.push('\n');
-    t.file("etc/kiln/node.json", 0o644, json);
+    t.file("etc/kiln/node.json", 0o644, identity_json);
     if !plan.node.ssh_authorized_keys.is_empty() {
         t.dir("root/.ssh", 0o700);
         let mut keys = plan.node.ssh_authorized_keys.join("\n");
