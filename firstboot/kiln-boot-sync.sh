@@ -50,22 +50,14 @@ dtb_dir() {
     fi
 }
 
-# Whether this run changed the boot partition (a file under /run/ would outlive it; a
-# variable cannot cross the $(...) of stage, so staging is detected by the directory).
+# Whether this run changed the boot partition (only then is the result reported).
 changed=0
 
-# Writes k/<id>/ for version $1 unless it is there already; prints <id>. Every step is
-# checked by hand: `set -e` does not apply inside a function called from `||`.
+# Writes k/$2/ for version $1. Every step is checked by hand: `set -e` does not apply inside
+# a function called from `if`.
 stage() {
     v=$1
-    sum=$(cat "$ROOT/boot/vmlinuz-$v" "$ROOT/boot/initrd.img-$v" | sha256sum | cut -c1-12) ||
-        return 1
-    id="$v-$sum"
-    if [ -f "$BOOT/k/$id/.complete" ]; then
-        echo "$id"
-        return 0
-    fi
-    tmp="$BOOT/k/.tmp-$id"
+    tmp="$BOOT/k/.tmp-$2"
     rm -rf "$tmp" && mkdir -p "$tmp" || return 1
     cp "$ROOT/boot/vmlinuz-$v" "$tmp/$KILN_KERNEL_FILE" || return 1
     cp "$ROOT/boot/initrd.img-$v" "$tmp/$KILN_INITRD_FILE" || return 1
@@ -93,19 +85,23 @@ stage() {
     sync
     : >"$tmp/.complete" || return 1
     sync
-    mv "$tmp" "$BOOT/k/$id" || return 1
-    say "staged kernel $v in k/$id"
-    echo "$id"
+    mv "$tmp" "$BOOT/k/$2" || return 1
+    say "staged kernel $v in k/$2"
 }
 
+# Each kernel's directory is named after its version and content: k/<version>-<hash>.
 ids=""
 for v in $versions; do
-    before=$(ls -a "$BOOT/k" 2>/dev/null || true)
-    if ! id=$(stage "$v"); then
-        rm -rf "$BOOT"/k/.tmp-*
-        die "copying kernel $v to $BOOT failed"
+    sum=$(cat "$ROOT/boot/vmlinuz-$v" "$ROOT/boot/initrd.img-$v" | sha256sum | cut -c1-12) ||
+        die "reading kernel $v failed"
+    id="$v-$sum"
+    if [ ! -f "$BOOT/k/$id/.complete" ]; then
+        if ! stage "$v" "$id"; then
+            rm -rf "$BOOT"/k/.tmp-*
+            die "copying kernel $v to $BOOT failed"
+        fi
+        changed=1
     fi
-    [ "$before" = "$(ls -a "$BOOT/k")" ] || changed=1
     ids="$ids $id"
 done
 set -- $ids
