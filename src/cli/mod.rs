@@ -90,17 +90,38 @@ enum Cmd {
     Write(args::WriteArgs),
     /// Replace a failed node: build, remove from etcd, flash, power on, wait until Ready.
     Reimage(args::ReimageArgs),
-    /// Cluster token files.
+    /// Cluster secrets: tokens and certificate authorities.
     Secrets {
         #[command(subcommand)]
         cmd: SecretsCmd,
+    },
+    /// Write an admin kubeconfig for a cluster (client certificate from its CA; 0600).
+    Kubeconfig {
+        /// The cluster, as named in the inventory.
+        cluster: String,
+        /// Where to write it (default: `<cluster>.kubeconfig` beside the cluster's token).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
 #[derive(Subcommand)]
 enum SecretsCmd {
-    /// Create each cluster's token file (0600, random) if it does not exist yet.
+    /// Create what each cluster lacks: its CAs (0700 directory, 0600 files) and its token
+    /// (0600), pinned to the CA. Never overwrites.
     Init,
+    /// Upgrade a cluster's bare token to the CA-pinned form `K10<hash>::server:<secret>`.
+    Pin {
+        /// The cluster, as named in the inventory.
+        cluster: String,
+        /// Make a new CA set: only for a cluster that has not started yet.
+        #[arg(long, conflicts_with = "cacerts")]
+        new_ca: bool,
+        /// The running cluster's CA bundle (`curl -k https://SERVER:6443/cacerts`, or a
+        /// server's /var/lib/rancher/k3s/server/tls/server-ca.crt).
+        #[arg(long)]
+        cacerts: Option<PathBuf>,
+    },
 }
 
 fn format_names() -> clap::builder::PossibleValuesParser {
@@ -303,12 +324,78 @@ pub fn run() -> Result<ExitCode> {
             let Some(cfg) = load(&cli.inventory, &boards_dir, false) else {
                 return Ok(ExitCode::from(1));
             };
+            use crate::secrets::Created;
             for c in crate::secrets::init(&cfg.inventory)? {
                 match c {
-                    crate::secrets::Created::New(p) => println!("created {} (0600)", p.display()),
-                    crate::secrets::Created::Kept(p) => println!("kept {} (exists)", p.display()),
+                    Created::New(p) if p.is_dir() => {
+                        println!("created {} (cluster CAs; 0700, files 0600)", p.display())
+                    }
+                    Created::New(p) => println!("created {} (0600)", p.display()),
+                    Created::Kept(p) => println!("kept {} (exists)", p.display()),
+                    Created::NoCa(p) => println!(
+                        "no CA made at {}: the cluster's token is bare, so its CA (if it ever started) is k3s's own; pin it with `kiln secrets pin` (--cacerts or --new-ca)",
+                        p.display()
+                    ),
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Secrets {
+            cmd:
+                SecretsCmd::Pin {
+                    cluster,
+                    new_ca,
+                    cacerts,
+                },
+        } => {
+            let Some(cfg) = load(&cli.inventory, &boards_dir, true) else {
+                return Ok(ExitCode::from(1));
+            };
+            let c = find_cluster(&cfg.inventory, &cluster)?;
+            let source = match (new_ca, cacerts) {
+                (true, _) => crate::secrets::PinSource::NewCa,
+                (false, Some(f)) => crate::secrets::PinSource::Cacerts(f),
+                (false, None) => crate::secrets::PinSource::Existing,
+            };
+            let p = crate::secrets::pin(c, source)?;
+            if p.made_ca {
+                println!("created {} (0700, files 0600)", p.ca_dir.display());
+            }
+            println!(
+                "pinned {} to CA hash {} (same secret; 0600)",
+                p.token_file.display(),
+                p.hash
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Kubeconfig { cluster, out } => {
+            let Some(cfg) = load(&cli.inventory, &boards_dir, false) else {
+                return Ok(ExitCode::from(1));
+            };
+            let c = find_cluster(&cfg.inventory, &cluster)?;
+            let ca = crate::secrets::ca::ClusterCa::load(&crate::secrets::ca_dir(c))?;
+            let server = crate::secrets::kubeconfig::api_servers(&cfg.inventory, &c.name, None)
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "cluster `{}` has no server node and no api_server; expected one of them in the inventory",
+                        c.name
+                    )
+                })?;
+            let k = crate::secrets::kubeconfig::admin(
+                &c.name,
+                &ca,
+                &server,
+                time::OffsetDateTime::now_utc(),
+            )?;
+            let path = out.unwrap_or_else(|| crate::secrets::kubeconfig::default_path(c));
+            crate::secrets::kubeconfig::write(&path, &k)?;
+            println!(
+                "wrote {} (0600): cluster {}, server {server}, user system:admin (system:masters), valid 365 days",
+                path.display(),
+                c.name
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -329,6 +416,19 @@ fn ask(q: &crate::write::Question) -> Result<bool> {
 }
 
 /// Loads the configuration, printing every diagnostic to stderr on failure.
+fn find_cluster<'a>(
+    inv: &'a crate::config::inventory::Inventory,
+    name: &str,
+) -> Result<&'a crate::config::inventory::Cluster> {
+    inv.clusters.iter().find(|c| c.name == name).ok_or_else(|| {
+        let names: Vec<&str> = inv.clusters.iter().map(|c| c.name.as_str()).collect();
+        anyhow::anyhow!(
+            "no cluster `{name}` in the inventory; expected one of: {}",
+            names.join(", ")
+        )
+    })
+}
+
 fn load(inventory: &Path, boards: &Path, check_tokens: bool) -> Option<Config> {
     match config::load(inventory, boards, check_tokens) {
         Ok(c) => Some(c),

@@ -73,6 +73,7 @@ struct RawCluster {
     name: Spanned<String>,
     token_file: Spanned<String>,
     kubeconfig: Option<String>,
+    api_server: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -148,8 +149,12 @@ pub struct Cluster {
     pub name: String,
     /// Absolute path of the token file (relative paths are resolved against the inventory).
     pub token_file: PathBuf,
-    /// Kubeconfig for reaching the cluster's API (reimaging); `KUBECONFIG` otherwise.
+    /// Kubeconfig for reaching the cluster's API (reimaging); else kiln's own admin
+    /// credentials from the cluster's CA, else `KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
+    /// The API address kiln's own kubeconfig names (`https://host:port`, e.g. a virtual IP);
+    /// default: a server's address on 6443.
+    pub api_server: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -323,10 +328,25 @@ fn validate(
         if check_tokens {
             check_token_file(src, &mut d, i, c, &token_file);
         }
+        let api_server = c.api_server.as_ref().map(|u| {
+            let s = u.get_ref().trim_end_matches('/').to_string();
+            let host = s.strip_prefix("https://").unwrap_or("");
+            if host.is_empty() || host.contains('/') || !is_url_text(&s) {
+                d.push(src.diag(
+                    u.span(),
+                    format!("cluster[{i}].api_server"),
+                    format!(
+                        "{s:?} is not an API address; expected https://HOST[:PORT] (e.g. \"https://192.168.100.11:6443\")"
+                    ),
+                ));
+            }
+            s
+        });
         clusters.push(Cluster {
             name: name.clone(),
             token_file,
             kubeconfig: c.kubeconfig.as_deref().map(|k| resolve(dir, k)),
+            api_server,
         });
     }
 
