@@ -262,6 +262,12 @@ fn boot_workspace(name: &str) -> BootWs {
             &format!("ssh_authorized_keys = [\"{}\"]", pubkey.trim()),
         );
     std::fs::write(ws.path("kiln.toml"), inv).unwrap();
+    // The clusters' CAs and pinned tokens, as `kiln secrets init` makes them for a new cluster.
+    for c in ["staging", "production"] {
+        std::fs::remove_file(ws.path(&format!("secrets/{c}.token"))).unwrap();
+    }
+    assert_ok(&ws.kiln(&["secrets", "init"]), "secrets init");
+    sign_standin_serving_cert(&ws);
     let (uboot, _) = uboot(&ws, 200_000);
     let images = ws.path("standin-images.tar.zst");
     std::fs::write(&images, common::k3s::standin_images()).unwrap();
@@ -275,6 +281,72 @@ fn boot_workspace(name: &str) -> BootWs {
         uboot,
         images,
     }
+}
+
+/// The certificate a joined production server's k3s stand-in serves: signed here with the
+/// cluster's server CA (a real joined server's k3s signs its own with the CA it takes from the
+/// datastore), naming every production address.
+fn sign_standin_serving_cert(ws: &Workspace) {
+    let ca = ws.path("secrets/production.ca");
+    let d = ws.path("overlays/k3s-standin/usr/lib/k3s-standin");
+    std::fs::create_dir_all(&d).unwrap();
+    let (key, req, crt, ext) = (
+        d.join("serving.key"),
+        ws.path("serving.req"),
+        d.join("serving.crt"),
+        ws.path("serving.ext"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:192.168.100.11,IP:192.168.100.12,IP:192.168.100.13,IP:192.168.100.14\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    assert_ok(
+        &run(
+            "openssl",
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=k3s",
+                "-keyout",
+                &p(&key),
+                "-out",
+                &p(&req),
+            ],
+        ),
+        "openssl req",
+    );
+    assert_ok(
+        &run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &p(&req),
+                "-CA",
+                &p(&ca.join("server-ca.pem")),
+                "-CAkey",
+                &p(&ca.join("server-ca.key")),
+                "-set_serial",
+                "7",
+                "-days",
+                "7",
+                "-extfile",
+                &p(&ext),
+                "-out",
+                &p(&crt),
+            ],
+        ),
+        "openssl x509 -req",
+    );
 }
 
 impl BootWs {
@@ -732,6 +804,58 @@ fn start_on_lan(lan: &Lan, bw: &BootWs, name: &str, disk: &Path, tap: &str, mac:
     Vm::start_with(name, &bw.ws.path(&format!("{name}.console")), &args)
 }
 
+/// TEST DOUBLE: a host that is not of the cluster, answering `GET /ping` with `pong` over TLS
+/// on `ip`:6443 with a self-signed certificate (what an impostor or a device that took a
+/// server's address would present). Runs in the LAN namespace until dropped.
+fn foreign_peer(lan: &Lan, bw: &BootWs, ip: &str) -> Helper {
+    lan.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "br0"]);
+    let d = bw.ws.path("foreign");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("ping"), "pong").unwrap();
+    let o = Command::new("openssl")
+        .current_dir(&d)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=k3s",
+            "-days",
+            "7",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-addext",
+        ])
+        .arg(format!("subjectAltName=IP:{ip}"))
+        .output()
+        .unwrap();
+    assert_ok(&o, "openssl req (foreign peer)");
+    let mut argv = lan.prefix();
+    argv.extend(
+        [
+            "openssl", "s_server", "-quiet", "-WWW", "-cert", "cert.pem", "-key", "key.pem",
+            "-accept",
+        ]
+        .map(String::from),
+    );
+    argv.push(format!("{ip}:6443"));
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(&d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Helper(child)
+}
+
 /// The stand-in's report line for `node`, once it started.
 fn standin_line(vm: &Vm, node: &str) -> String {
     let l = vm.log();
@@ -768,8 +892,10 @@ fn a_cluster_forms_and_a_reimaged_server_rejoins_without_splitting_it() {
     );
     eprintln!("cluster: rk1-1 initialised at {:.0} s", t.as_secs_f64());
     let l = standin_line(&vms[0], "rk1-1");
+    // It started with the CA kiln baked into k3s's data directory (`cert=baked-ca`: the
+    // stand-in signed its serving certificate with /var/lib/rancher/k3s/server/tls/server-ca.key).
     assert!(
-        l.contains("cluster-init=yes") && l.contains("server=none"),
+        l.contains("cluster-init=yes") && l.contains("server=none") && l.contains("cert=baked-ca"),
         "{l}"
     );
     for (i, n) in nodes.iter().enumerate().skip(1) {
@@ -785,6 +911,8 @@ fn a_cluster_forms_and_a_reimaged_server_rejoins_without_splitting_it() {
         eprintln!("cluster: {n} joined at {:.0} s: {l}", t.as_secs_f64());
         assert!(l.contains("cluster-init=no"), "{n} initialised: {l}");
         assert!(l.contains("server=https://192.168.100.1"), "{n}: {l}");
+        // The pinned token's hash is the root of the bundle the server serves at /cacerts.
+        assert!(l.contains("ca-pin=match"), "{n}: {l}");
         if role == "server" {
             assert!(
                 l.contains("server=https://192.168.100.11:6443"),
@@ -793,9 +921,14 @@ fn a_cluster_forms_and_a_reimaged_server_rejoins_without_splitting_it() {
         }
     }
 
-    // rk1-1 fails and is reimaged: a rejoin image on a fresh disk, while rk1-2/rk1-3 run.
+    // rk1-1 fails and is reimaged: a rejoin image on a fresh disk, while rk1-3 runs. rk1-2 is
+    // gone too, and a foreign host answers at its address (the first peer rk1-1 probes) with a
+    // certificate of its own: rk1-1 must not hand it the token, and joins rk1-3.
     let first = vms.remove(0);
     drop(first);
+    let second = vms.remove(0);
+    drop(second);
+    let foreign = foreign_peer(&lan, &bw, "192.168.100.12");
     let rejoin = bw.build("rk1-1", "rejoin", &["--rejoin"]);
     let disk = bw.disk(&rejoin, "rk1-1-reimaged");
     let re = start_on_lan(&lan, &bw, "rk1-1-reimaged", &disk, "tap1", 0x11);
@@ -810,12 +943,34 @@ fn a_cluster_forms_and_a_reimaged_server_rejoins_without_splitting_it() {
         "cluster: reimaged rk1-1 joined at {:.0} s: {l}",
         t.as_secs_f64()
     );
+    let log = re.log();
+    let refused = log
+        .lines()
+        .find(|x| {
+            x.contains(
+                "peer 192.168.100.12 refused: its certificate does not chain to the cluster CA",
+            )
+        })
+        .unwrap_or_else(|| {
+            fail(
+                &all,
+                "the reimaged server did not log refusing the foreign peer",
+            )
+        });
+    eprintln!("cluster: {}", refused.trim());
     assert!(
-        l.contains("cluster-init=no") && l.contains("server=https://192.168.100.12:6443"),
-        "the reimaged bootstrap server did not join a live peer: {l}"
+        l.contains("cluster-init=no")
+            && l.contains("server=https://192.168.100.13:6443")
+            && l.contains("ca-pin=match"),
+        "the reimaged bootstrap server did not join the peer with the cluster's certificate: {l}"
+    );
+    assert!(
+        !log.contains("server=https://192.168.100.12"),
+        "joined the foreign peer"
     );
     drop(re);
     drop(vms);
+    drop(foreign);
 
     // Every peer down: the reimaged server waits (well past the 120 s a fresh bootstrap server
     // waits before initialising) and never initialises.

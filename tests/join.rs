@@ -1,7 +1,12 @@
 //! First-boot join decision (firstboot/kiln-join.sh), run by dash with a fake probe.
 //!
-//! TEST DOUBLE: the probe is a two-line script that "answers" for addresses listed in a file,
-//! standing in for `GET https://<ip>:6443/ping` against a real k3s server.
+//! TEST DOUBLE: the probe is a small script that "answers" for addresses listed in a file
+//! (and "answers with a foreign certificate" for those in another), standing in for
+//! `GET https://<ip>:6443/ping` against a real k3s server. The real probe (`kiln_probe`, curl
+//! with the cluster CA) is run against `openssl s_server` serving certificates signed by the
+//! CAs `kiln secrets init` made, by another cluster's CA, and self-signed.
+
+mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -23,11 +28,17 @@ impl Node {
         std::fs::write(root.join("etc/kiln/token"), format!("{TOKEN}\n")).unwrap();
         let live = root.join("live-peers");
         std::fs::write(&live, "").unwrap();
-        // The fake probe: succeeds for addresses listed in `live`.
+        std::fs::write(root.join("foreign-peers"), "").unwrap();
+        // The fake probe: 0 for addresses listed in `live`, 2 (a foreign certificate) for
+        // those in `foreign-peers`, else 1 (no answer): kiln_probe's contract.
         let probe = root.join("fake-probe");
         std::fs::write(
             &probe,
-            format!("#!/bin/sh\ngrep -qx \"$1\" '{}'\n", live.display()),
+            format!(
+                "#!/bin/sh\ngrep -qx \"$1\" '{}' && exit 0\ngrep -qx \"$1\" '{}' && exit 2\nexit 1\n",
+                live.display(),
+                root.join("foreign-peers").display()
+            ),
         )
         .unwrap();
         std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -36,6 +47,10 @@ impl Node {
 
     fn set_live(&self, ips: &[&str]) {
         std::fs::write(&self.live, ips.join("\n") + "\n").unwrap();
+    }
+
+    fn set_foreign(&self, ips: &[&str]) {
+        std::fs::write(self.root.join("foreign-peers"), ips.join("\n") + "\n").unwrap();
     }
 
     fn command(&self, env: &[(&str, &str)]) -> Command {
@@ -272,4 +287,189 @@ fn staging_single_server_initialises_at_once() {
     let n = Node::new("staging-rejoin");
     assert!(!n.run(&env(&e)).status.success());
     assert!(n.config().is_none());
+}
+
+#[test]
+fn a_bootstrap_server_neither_joins_nor_initialises_while_only_a_foreign_peer_answers() {
+    let n = Node::new("foreign");
+    n.set_foreign(&["192.168.100.12"]);
+    let e = server(
+        "rk1-1",
+        "192.168.100.11",
+        "1",
+        "init",
+        "192.168.100.12 192.168.100.13",
+    );
+    // KILN_INIT_WAIT is 1 s: well past it, the foreign answer still holds it back.
+    let mut child = n
+        .command(&env(&e))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "decided while only a foreign peer answered"
+    );
+    assert!(n.config().is_none(), "wrote a config");
+    // The real server comes up: joined, never the foreign one.
+    n.set_live(&["192.168.100.13"]);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "join https://192.168.100.13:6443"
+    );
+    assert!(
+        err.contains("only peers with a foreign certificate answer (192.168.100.12): not joining them and not initialising while they answer"),
+        "{err}"
+    );
+    let c = n.config().unwrap();
+    assert!(c.contains("server: https://192.168.100.13:6443"), "{c}");
+}
+
+/// `openssl s_server` on 127.0.0.1 serving /ping with `cert`/`key`; killed when dropped.
+struct TlsPeer(std::process::Child, u16);
+
+impl Drop for TlsPeer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tls_peer(dir: &Path, cert: &Path, key: &Path) -> TlsPeer {
+    std::fs::write(dir.join("ping"), "pong").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("openssl")
+        .current_dir(dir)
+        .args(["s_server", "-quiet", "-WWW", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "s_server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    TlsPeer(child, port)
+}
+
+/// A serving certificate for `san`, signed by `ca_dir`'s server CA, or self-signed.
+fn serving_cert(dir: &Path, name: &str, ca_dir: Option<&Path>, san: &str) -> (PathBuf, PathBuf) {
+    use common::{assert_ok, run};
+    let key = dir.join(format!("{name}.key"));
+    let crt = dir.join(format!("{name}.crt"));
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(&ext, format!("subjectAltName={san}\n")).unwrap();
+    match ca_dir {
+        Some(ca) => {
+            let req = dir.join(format!("{name}.req"));
+            assert_ok(
+                &run(
+                    "openssl",
+                    &[
+                        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-subj", "/CN=k3s", "-keyout", &p(&key), "-out", &p(&req),
+                    ],
+                ),
+                "openssl req",
+            );
+            assert_ok(
+                &run(
+                    "openssl",
+                    &[
+                        "x509", "-req", "-in", &p(&req), "-CA",
+                        &p(&ca.join("server-ca.pem")), "-CAkey", &p(&ca.join("server-ca.key")),
+                        "-set_serial", "9", "-days", "2", "-extfile", &p(&ext), "-out", &p(&crt),
+                    ],
+                ),
+                "openssl x509 -req",
+            );
+        }
+        None => assert_ok(
+            &run(
+                "openssl",
+                &[
+                    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-subj", "/CN=k3s", "-days", "2", "-keyout", &p(&key), "-out",
+                    &p(&crt), "-addext", &format!("subjectAltName={san}"),
+                ],
+            ),
+            "openssl req -x509",
+        ),
+    }
+    (crt, key)
+}
+
+/// Runs the real `kiln_probe` against 127.0.0.1:`port` with the cluster CA `ca`.
+fn probe(ca: &Path, port: u16) -> (i32, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("firstboot/kiln-join.sh");
+    let o = Command::new("dash")
+        .arg("-c")
+        .arg(format!(". '{}'; kiln_probe 127.0.0.1", script.display()))
+        .env("KILN_CA", ca)
+        .env("KILN_API_PORT", port.to_string())
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn the_real_probe_trusts_only_a_certificate_of_the_cluster_ca_naming_the_peer() {
+    let ws = common::Workspace::new("probe-ca");
+    for c in ["staging", "production"] {
+        std::fs::remove_file(ws.path(&format!("secrets/{c}.token"))).unwrap();
+    }
+    common::assert_ok(&ws.kiln(&["secrets", "init"]), "secrets init");
+    let prod = ws.path("secrets/production.ca");
+    let bundle = prod.join("server-ca.crt");
+    let d = ws.path("peers");
+    std::fs::create_dir_all(&d).unwrap();
+
+    let cases: [(&str, Option<PathBuf>, &str, i32); 4] = [
+        ("cluster", Some(prod.clone()), "IP:127.0.0.1", 0),
+        // Another cluster kiln made: its own root, so not this cluster.
+        ("staging", Some(ws.path("secrets/staging.ca")), "IP:127.0.0.1", 2),
+        ("self-signed", None, "IP:127.0.0.1", 2),
+        // The cluster's CA, but for another address (k3s names the node's IP).
+        ("other-ip", Some(prod.clone()), "IP:192.168.100.99", 2),
+    ];
+    for (name, ca, san, want) in cases {
+        let (crt, key) = serving_cert(&d, name, ca.as_deref(), san);
+        let peer = tls_peer(&d, &crt, &key);
+        let (code, err) = probe(&bundle, peer.1);
+        assert_eq!(code, want, "{name}: {err}");
+        if want == 2 {
+            assert!(
+                err.contains("peer 127.0.0.1 refused: its certificate does not chain to the cluster CA"),
+                "{name}: {err}"
+            );
+        }
+    }
+    // Nothing listening: no answer, not a foreign one.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (code, err) = probe(&bundle, port);
+    assert_eq!(code, 1, "{err}");
 }

@@ -115,12 +115,23 @@ pub struct NodePlan {
     pub join: JoinMode,
     /// The cluster's token file (read only while the root filesystem is written).
     pub token_file: PathBuf,
+    /// The cluster's CA directory (may not exist: a cluster from before kiln made CAs).
+    pub ca_dir: PathBuf,
     /// Addresses of the cluster's servers other than this node, in inventory order: whom first
     /// boot probes and joins.
     pub peers: Vec<Ipv4Addr>,
 }
 
 impl NodePlan {
+    /// Whether this image may start its cluster (the join script's `may_init`): the
+    /// cluster's bootstrap server, built to create it. Only such a node needs the cluster's
+    /// CAs in k3s's data directory; every other server takes them from the datastore.
+    pub fn may_initialise(&self) -> bool {
+        self.node.role == crate::config::inventory::Role::Server
+            && self.node.bootstrap
+            && self.join == JoinMode::Init
+    }
+
     /// The node's target. Validation guarantees the board has it.
     pub fn target(&self) -> Option<&TargetSpec> {
         self.board.spec.targets.get(&self.node.target)
@@ -263,12 +274,11 @@ pub fn plan_node(
         }
         .into());
     };
-    let token_file = inv
-        .cluster(&node.cluster)
-        .map(|c| c.token_file.clone())
-        .ok_or_else(|| {
-            anyhow::anyhow!("node `{node_name}`: cluster `{}` not defined", node.cluster)
-        })?;
+    let cluster = inv.cluster(&node.cluster).ok_or_else(|| {
+        anyhow::anyhow!("node `{node_name}`: cluster `{}` not defined", node.cluster)
+    })?;
+    let token_file = cluster.token_file.clone();
+    let ca_dir = crate::secrets::ca_dir(cluster);
     let peers = peers_of(inv, node);
     Ok(NodePlan {
         node: node.clone(),
@@ -282,6 +292,7 @@ pub fn plan_node(
         k3s,
         join,
         token_file,
+        ca_dir,
         peers,
     })
 }

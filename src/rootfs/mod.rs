@@ -11,7 +11,7 @@ pub mod node;
 use crate::fetch::k3s::K3sFiles;
 use crate::fetch::loader::LoaderRecord;
 use crate::plan::NodePlan;
-use crate::secrets::Token;
+use crate::secrets::ClusterSecrets;
 use crate::tree::Tree;
 use anyhow::Result;
 use identity::Identity;
@@ -34,7 +34,7 @@ pub fn node_contents(
     k3s: &K3sFiles,
     loaders: Vec<LoaderRecord>,
 ) -> Result<NodeContents> {
-    let token = Token::read(&plan.token_file)?;
+    let secrets = ClusterSecrets::read(&plan.token_file, &plan.ca_dir)?;
     let epoch = crate::util::source_date_epoch(scan.max_mtime)?;
     let identity = identity::of(
         plan,
@@ -46,7 +46,7 @@ pub fn node_contents(
         },
     )?;
     let identity_json = serde_json::to_string_pretty(&identity)? + "\n";
-    let overlay = overlay_for(plan, &identity_json, k3s, &token)?;
+    let overlay = overlay_for(plan, &identity_json, k3s, &secrets)?;
     Ok(NodeContents {
         identity,
         identity_json,
@@ -62,7 +62,7 @@ pub fn overlay_for(
     plan: &NodePlan,
     identity_json: &str,
     k3s: &K3sFiles,
-    token: &Token,
+    secrets: &ClusterSecrets,
 ) -> Result<Tree> {
     let mut t = k3s::k3s_tree(k3s, plan.node.role)?;
     for dir in &plan.node.overlays {
@@ -70,6 +70,6 @@ pub fn overlay_for(
         o.add_dir_from_host(dir)?;
         t.merge(o);
     }
-    t.merge(node::node_tree(plan, identity_json, token)?);
+    t.merge(node::node_tree(plan, identity_json, secrets)?);
     Ok(t)
 }

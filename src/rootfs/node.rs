@@ -3,7 +3,7 @@
 
 use crate::config::inventory::Role;
 use crate::plan::NodePlan;
-use crate::secrets::Token;
+use crate::secrets::ClusterSecrets;
 use crate::tree::Tree;
 use anyhow::Result;
 
@@ -17,15 +17,25 @@ const SSH_DROPIN: &str = include_str!("../../firstboot/ssh-host-keys.conf");
 /// Root-only secret files (mode 0600 in a 0700 or root-owned directory).
 pub const TOKEN_PATH: &str = "etc/kiln/token";
 pub const NODE_PASSWORD_PATH: &str = "etc/rancher/node/password";
+/// k3s's CA directory (`<data-dir>/server/tls`), read on its first start.
+pub const K3S_TLS_DIR: &str = "var/lib/rancher/k3s/server/tls";
+/// The cluster's server CA bundle (public: every server serves it at `/cacerts`), with which
+/// first boot checks a peer before it hands the peer the token.
+pub const CLUSTER_CA_PATH: &str = "etc/kiln/cluster-ca.crt";
 
 /// The join script's inputs, sourced by first boot. No secrets: the token stays in its own
 /// 0600 file.
-pub fn node_env(plan: &NodePlan) -> String {
+pub fn node_env(plan: &NodePlan, has_ca: bool) -> String {
     let peers: Vec<String> = plan.peers.iter().map(|p| p.to_string()).collect();
+    let ca = if has_ca {
+        format!("/{CLUSTER_CA_PATH}")
+    } else {
+        String::new()
+    };
     format!(
         "# Written by kiln: inputs of the first-boot join decision.\n\
          KILN_NODE={}\nKILN_CLUSTER={}\nKILN_IP={}\nKILN_ROLE={}\nKILN_BOOTSTRAP={}\n\
-         KILN_MODE={}\nKILN_PEERS=\"{}\"\n",
+         KILN_MODE={}\nKILN_PEERS=\"{}\"\nKILN_CA={ca}\n",
         plan.node.name,
         plan.node.cluster,
         plan.node.ip,
@@ -90,7 +100,8 @@ pub fn hosts_file(plan: &NodePlan) -> String {
 }
 
 /// Per-node files as an overlay tree.
-pub fn node_tree(plan: &NodePlan, identity_json: &str, token: &Token) -> Result<Tree> {
+pub fn node_tree(plan: &NodePlan, identity_json: &str, secrets: &ClusterSecrets) -> Result<Tree> {
+    let token = &secrets.token;
     let mut t = Tree::default();
     t.file("etc/hostname", 0o644, format!("{}\n", plan.node.name));
     t.file("etc/hosts", 0o644, hosts_file(plan));
@@ -153,11 +164,35 @@ pub fn node_tree(plan: &NodePlan, identity_json: &str, token: &Token) -> Result<
         token.node_password(&plan.node.name) + "\n",
     );
 
+    // The cluster's CAs, only where k3s needs them before its first start: the server that
+    // may start the cluster. Joining servers get them from the datastore (k3s
+    // pkg/cluster/bootstrap.go), agents never. Root-only, in k3s's own 0700 directories.
+    if let Some(bundle) = secrets.ca.bundle() {
+        t.file(CLUSTER_CA_PATH, 0o644, bundle.to_vec());
+    }
+    if plan.may_initialise()
+        && let Some(files) = secrets.ca.node_files()?
+    {
+        for d in ["var/lib/rancher", "var/lib/rancher/k3s"] {
+            t.dir(d, 0o755);
+        }
+        t.dir("var/lib/rancher/k3s/server", 0o700);
+        t.dir(K3S_TLS_DIR, 0o700);
+        t.dir(&format!("{K3S_TLS_DIR}/etcd"), 0o700);
+        for (rel, bytes) in files {
+            t.file(&format!("{K3S_TLS_DIR}/{rel}"), 0o600, bytes);
+        }
+    }
+
     // Day two: the boot partition mounted, kernel updates synced onto it.
     super::boot::add(&mut t, plan);
 
     // First boot.
-    t.file("etc/kiln/node.env", 0o644, node_env(plan));
+    t.file(
+        "etc/kiln/node.env",
+        0o644,
+        node_env(plan, secrets.ca.bundle().is_some()),
+    );
     t.file("usr/lib/kiln/kiln-firstboot.sh", 0o755, FIRSTBOOT_SH);
     t.file("usr/lib/kiln/kiln-join.sh", 0o755, JOIN_SH);
     t.file(
