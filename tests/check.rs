@@ -252,6 +252,31 @@ fn token_file_readable_by_others_or_missing() {
 }
 
 #[test]
+fn a_cluster_ca_directory_open_to_others_or_not_a_directory() {
+    let ws = Workspace::new("check-ca-dir");
+    let ca = ws.path("secrets/production.ca");
+    std::fs::create_dir(&ca).unwrap();
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o755)).unwrap();
+    expect_error(
+        &ws,
+        line_of(&ws, "production.token", 0),
+        &[
+            "cluster[1].token_file",
+            "production.ca",
+            "mode 755",
+            "expected 0700",
+        ],
+    );
+    std::fs::remove_dir(&ca).unwrap();
+    std::fs::write(&ca, "").unwrap();
+    expect_error(
+        &ws,
+        line_of(&ws, "production.token", 0),
+        &["production.ca", "is not a directory"],
+    );
+}
+
+#[test]
 fn bad_values_name_their_field() {
     let ws = Workspace::new("check-values");
     edit(&ws, "role = \"agent\"", "role = \"worker\"");

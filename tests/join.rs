@@ -362,7 +362,10 @@ fn tls_peer(dir: &Path, cert: &Path, key: &Path) -> TlsPeer {
         .unwrap();
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10), "s_server did not listen");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "s_server did not listen"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     TlsPeer(child, port)
@@ -383,8 +386,19 @@ fn serving_cert(dir: &Path, name: &str, ca_dir: Option<&Path>, san: &str) -> (Pa
                 &run(
                     "openssl",
                     &[
-                        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                        "-nodes", "-subj", "/CN=k3s", "-keyout", &p(&key), "-out", &p(&req),
+                        "req",
+                        "-new",
+                        "-newkey",
+                        "ec",
+                        "-pkeyopt",
+                        "ec_paramgen_curve:P-256",
+                        "-nodes",
+                        "-subj",
+                        "/CN=k3s",
+                        "-keyout",
+                        &p(&key),
+                        "-out",
+                        &p(&req),
                     ],
                 ),
                 "openssl req",
@@ -393,9 +407,22 @@ fn serving_cert(dir: &Path, name: &str, ca_dir: Option<&Path>, san: &str) -> (Pa
                 &run(
                     "openssl",
                     &[
-                        "x509", "-req", "-in", &p(&req), "-CA",
-                        &p(&ca.join("server-ca.pem")), "-CAkey", &p(&ca.join("server-ca.key")),
-                        "-set_serial", "9", "-days", "2", "-extfile", &p(&ext), "-out", &p(&crt),
+                        "x509",
+                        "-req",
+                        "-in",
+                        &p(&req),
+                        "-CA",
+                        &p(&ca.join("server-ca.pem")),
+                        "-CAkey",
+                        &p(&ca.join("server-ca.key")),
+                        "-set_serial",
+                        "9",
+                        "-days",
+                        "2",
+                        "-extfile",
+                        &p(&ext),
+                        "-out",
+                        &p(&crt),
                     ],
                 ),
                 "openssl x509 -req",
@@ -405,9 +432,23 @@ fn serving_cert(dir: &Path, name: &str, ca_dir: Option<&Path>, san: &str) -> (Pa
             &run(
                 "openssl",
                 &[
-                    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-subj", "/CN=k3s", "-days", "2", "-keyout", &p(&key), "-out",
-                    &p(&crt), "-addext", &format!("subjectAltName={san}"),
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-subj",
+                    "/CN=k3s",
+                    "-days",
+                    "2",
+                    "-keyout",
+                    &p(&key),
+                    "-out",
+                    &p(&crt),
+                    "-addext",
+                    &format!("subjectAltName={san}"),
                 ],
             ),
             "openssl req -x509",
@@ -447,7 +488,12 @@ fn the_real_probe_trusts_only_a_certificate_of_the_cluster_ca_naming_the_peer() 
     let cases: [(&str, Option<PathBuf>, &str, i32); 4] = [
         ("cluster", Some(prod.clone()), "IP:127.0.0.1", 0),
         // Another cluster kiln made: its own root, so not this cluster.
-        ("staging", Some(ws.path("secrets/staging.ca")), "IP:127.0.0.1", 2),
+        (
+            "staging",
+            Some(ws.path("secrets/staging.ca")),
+            "IP:127.0.0.1",
+            2,
+        ),
         ("self-signed", None, "IP:127.0.0.1", 2),
         // The cluster's CA, but for another address (k3s names the node's IP).
         ("other-ip", Some(prod.clone()), "IP:192.168.100.99", 2),
@@ -459,7 +505,9 @@ fn the_real_probe_trusts_only_a_certificate_of_the_cluster_ca_naming_the_peer() 
         assert_eq!(code, want, "{name}: {err}");
         if want == 2 {
             assert!(
-                err.contains("peer 127.0.0.1 refused: its certificate does not chain to the cluster CA"),
+                err.contains(
+                    "peer 127.0.0.1 refused: its certificate does not chain to the cluster CA"
+                ),
                 "{name}: {err}"
             );
         }

@@ -355,3 +355,61 @@ fn a_node_that_keeps_its_old_boot_fails_wait_ready() {
         stderr(&out)
     );
 }
+
+#[test]
+fn with_no_kubeconfig_reimage_signs_in_with_admin_credentials_from_the_cluster_ca() {
+    let b = 60;
+    let bmc = FakeBmc::start(Mode::Normal);
+    let host = bmc.addr.to_string();
+    let ws = Workspace::new(
+        "reimage-own-kube",
+        Some((&host, Some(&bmc.cert.sha256_colons))),
+        None,
+        b,
+    );
+    // A new cluster: its CA and pinned token from `kiln secrets init`.
+    std::fs::remove_file(ws.path("secrets/prod.token")).unwrap();
+    let o = ws.kiln(&["secrets", "init"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let nodes = vec![
+        node("n1", &shift("127.0.0.11", b), true, true, "n1-boot"),
+        node("n2", &shift("127.0.0.12", b), false, true, "old-boot"),
+    ];
+    let back = (
+        "n2".to_string(),
+        2,
+        bmc.state.clone(),
+        node("n2", &shift("127.0.0.12", b), true, true, "new-boot"),
+    );
+    // The API server presents a certificate of the cluster's server CA and lets in only
+    // clients of its client CA in system:masters.
+    let kube = FakeKube::start_with_cluster_ca(nodes, Some(back), &ws.path("secrets/prod.ca"));
+    let inv = std::fs::read_to_string(ws.path("kiln.toml"))
+        .unwrap()
+        .replace(
+            "token_file = \"secrets/prod.token\"\n",
+            &format!(
+                "token_file = \"secrets/prod.token\"\napi_server = \"https://{}\"\n",
+                kube.addr
+            ),
+        );
+    std::fs::write(ws.path("kiln.toml"), inv).unwrap();
+    // No kubeconfig in the inventory, none in the environment (kiln_command removes it).
+    let out = reimage(&ws, "n2", &[]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(kube.deletes(), vec!["/api/v1/nodes/n2".to_string()]);
+    let k = kube.state.lock().unwrap();
+    assert!(k.nodes["n2"]["status"]["nodeInfo"]["bootID"] == "new-boot");
+    assert!(!k.requests.is_empty());
+    for r in &k.requests {
+        assert!(
+            r.client_cert.is_some() && r.header("authorization").is_none(),
+            "{} {} without the admin client certificate",
+            r.method,
+            r.path
+        );
+    }
+    let all = stdout(&out) + &stderr(&out);
+    assert!(all.contains("as system:admin from the cluster CA"), "{all}");
+    assert!(!all.contains("PRIVATE KEY"));
+}

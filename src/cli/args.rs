@@ -75,7 +75,9 @@ API so k3s removes its etcd member, and wait until it is gone (agents skip this)
 flash       flash the image through the BMC (as `kiln flash`)\n  \
 power-on    power the slot on\n  \
 wait-ready  wait until the Node is Ready again\n\n\
-The kubeconfig is the cluster's `kubeconfig` in the inventory, else $KUBECONFIG."
+The Kubernetes API is reached with the cluster's `kubeconfig` in the inventory; else, for a \
+cluster whose CA kiln made, with admin credentials kiln issues from it (in memory) for another \
+server (or the cluster's `api_server`); else with $KUBECONFIG."
 )]
 pub struct ReimageArgs {
     /// Node to reimage; it needs a `slot`.

@@ -144,6 +144,14 @@ pub struct Network {
     pub ntp: Vec<String>,
 }
 
+impl Cluster {
+    /// The directory of the cluster's CAs: `<cluster>.ca/` beside its token file.
+    pub fn ca_dir(&self) -> PathBuf {
+        let dir = self.token_file.parent().unwrap_or(Path::new("."));
+        dir.join(format!("{}.ca", self.name))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
@@ -327,6 +335,11 @@ fn validate(
         let token_file = resolve(dir, c.token_file.get_ref());
         if check_tokens {
             check_token_file(src, &mut d, i, c, &token_file);
+            let ca = token_file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(format!("{name}.ca"));
+            check_ca_dir(src, &mut d, i, c, &ca);
         }
         let api_server = c.api_server.as_ref().map(|u| {
             let s = u.get_ref().trim_end_matches('/').to_string();
@@ -797,6 +810,38 @@ fn validate_bmc(src: &Source, d: &mut Vec<Diagnostic>, b: &RawBmc) -> Bmc {
         host: host.clone(),
         user: user.clone(),
         tls_sha256: b.tls_sha256.as_ref().map(|f| f.get_ref().clone()),
+    }
+}
+
+/// The cluster's CA directory, if there is one, must be root's alone: it holds the CA keys.
+fn check_ca_dir(src: &Source, d: &mut Vec<Diagnostic>, i: usize, c: &RawCluster, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    let field = format!("cluster[{i}].token_file");
+    if !m.is_dir() {
+        d.push(src.diag(
+            c.token_file.span(),
+            field,
+            format!(
+                "{} (the cluster's CAs, beside its token) is not a directory; expected the directory `kiln secrets init` makes",
+                path.display()
+            ),
+        ));
+        return;
+    }
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        d.push(src.diag(
+            c.token_file.span(),
+            field,
+            format!(
+                "{} (the cluster's CA keys) is open to group or others (mode {mode:03o}); expected 0700 (chmod -R go= {})",
+                path.display(),
+                path.display()
+            ),
+        ));
     }
 }
 

@@ -104,7 +104,12 @@ impl Kube {
     pub fn from_kubeconfig(path: &Path) -> Result<Kube> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-        let kc: Kubeconfig = serde_yaml_ng::from_str(&text)
+        Kube::from_text(&text, path)
+    }
+
+    /// A kubeconfig's text; `path` names it in messages and anchors relative file paths.
+    pub fn from_text(text: &str, path: &Path) -> Result<Kube> {
+        let kc: Kubeconfig = serde_yaml_ng::from_str(text)
             .with_context(|| format!("{} is not a kubeconfig", path.display()))?;
         let ctx = match &kc.current_context {
             Some(c) => kc.contexts.iter().find(|x| &x.name == c),

@@ -175,22 +175,65 @@ impl Run<'_> {
                 .inventory
                 .cluster(&self.node.cluster)
                 .and_then(|c| c.kubeconfig.clone());
-            let path = match from_inventory {
-                Some(p) => p,
-                None => std::env::var_os("KUBECONFIG")
-                    .and_then(|v| std::env::split_paths(&v).next())
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "no kubeconfig for cluster `{}`: set `kubeconfig` in its [[cluster]] or KUBECONFIG",
-                            self.node.cluster
-                        )
-                    })?,
-            };
-            self.kube = Some(kube::Kube::from_kubeconfig(&path)?);
+            self.kube = Some(match from_inventory {
+                Some(p) => kube::Kube::from_kubeconfig(&p)?,
+                None => self.own_kube()?,
+            });
         }
         self.kube
             .as_ref()
             .ok_or_else(|| anyhow!("Kubernetes client missing"))
+    }
+
+    /// With no kubeconfig in the inventory: admin credentials kiln issues from the cluster's
+    /// CA (in memory only), for a server other than the node being replaced; else KUBECONFIG.
+    fn own_kube(&self) -> Result<kube::Kube> {
+        let cluster = &self.node.cluster;
+        let ca = self
+            .cfg
+            .inventory
+            .cluster(cluster)
+            .map(|c| crate::secrets::ca::ClusterCa::load(&crate::secrets::ca_dir(c)))
+            .transpose()?;
+        if let Some(ca @ crate::secrets::ca::ClusterCa::Full { .. }) = &ca {
+            let server = crate::secrets::kubeconfig::api_servers(
+                &self.cfg.inventory,
+                cluster,
+                Some(&self.node.name),
+            )
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                anyhow!(
+                    "cluster `{cluster}` has no server but {} to ask; expected another server or `api_server` in its [[cluster]]",
+                    self.node.name
+                )
+            })?;
+            let k = crate::secrets::kubeconfig::admin(
+                cluster,
+                ca,
+                &server,
+                time::OffsetDateTime::now_utc(),
+            )?;
+            crate::progress::note(format!(
+                "{}: Kubernetes API {server}, as system:admin from the cluster CA",
+                self.node.name
+            ));
+            return kube::Kube::from_text(
+                k.expose(),
+                Path::new(&format!(
+                    "(kiln's admin credentials for cluster `{cluster}`)"
+                )),
+            );
+        }
+        let path = std::env::var_os("KUBECONFIG")
+            .and_then(|v| std::env::split_paths(&v).next())
+            .ok_or_else(|| {
+                anyhow!(
+                    "no kubeconfig for cluster `{cluster}`: set `kubeconfig` in its [[cluster]], make its CA with `kiln secrets init` (new clusters), or set KUBECONFIG"
+                )
+            })?;
+        kube::Kube::from_kubeconfig(&path)
     }
 
     /// Always a rejoin image: the node's cluster exists, so first boot must join a live peer

@@ -14,8 +14,7 @@ use ca::ClusterCa;
 
 /// The directory holding a cluster's CAs: `<cluster>.ca/` beside its token file.
 pub fn ca_dir(c: &Cluster) -> PathBuf {
-    let dir = c.token_file.parent().unwrap_or(Path::new("."));
-    dir.join(format!("{}.ca", c.name))
+    c.ca_dir()
 }
 
 /// What `kiln secrets init` did for one cluster.

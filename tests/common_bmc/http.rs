@@ -17,6 +17,8 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub chunked: bool,
+    /// The client's certificate (DER), when the server asked for one and it verified.
+    pub client_cert: Option<Vec<u8>>,
 }
 
 impl Request {
@@ -106,6 +108,25 @@ pub fn leaf(ca: Option<&Ca>) -> Cert {
     }
 }
 
+/// A certificate for 127.0.0.1/localhost signed by a CA on disk (`ca_pem`: its certificate,
+/// `key_pem`: its key), e.g. a cluster's server CA that `kiln secrets init` made.
+pub fn leaf_signed_by_pem(ca_pem: &str, key_pem: &str) -> Cert {
+    let ca_key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(ca_pem, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    p.subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let der = cert.der().to_vec();
+    Cert {
+        pem: cert.pem(),
+        sha256_colons: String::new(),
+        der,
+        key_der: key.serialize_der(),
+    }
+}
+
 /// Serves `handler` over HTTPS on `ip:port` (port 0: any) until the process ends.
 pub fn serve<H>(cert: &Cert, ip: &str, port: u16, handler: H) -> SocketAddr
 where
@@ -119,6 +140,45 @@ where
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone())),
         )
         .unwrap();
+    serve_with(cfg, ip, port, handler)
+}
+
+/// Like [`serve`], asking for a client certificate that chains to one of `client_roots` (as
+/// kube-apiserver's `--client-ca-file`: every certificate of the file is trusted); requests
+/// without one still reach `handler` (it decides, as the API server's authenticator does).
+pub fn serve_mtls<H>(
+    cert: &Cert,
+    client_roots: &[Vec<u8>],
+    ip: &str,
+    port: u16,
+    handler: H,
+) -> SocketAddr
+where
+    H: Fn(Request) -> Response + Send + Sync + 'static,
+{
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for r in client_roots {
+        roots.add(CertificateDer::from(r.clone())).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .unwrap();
+    let cfg = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone())),
+        )
+        .unwrap();
+    serve_with(cfg, ip, port, handler)
+}
+
+fn serve_with<H>(cfg: rustls::ServerConfig, ip: &str, port: u16, handler: H) -> SocketAddr
+where
+    H: Fn(Request) -> Response + Send + Sync + 'static,
+{
     let cfg = Arc::new(cfg);
     let listener = TcpListener::bind((ip, port)).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -134,7 +194,13 @@ where
                 };
                 let tls = rustls::StreamOwned::new(conn, s);
                 let mut r = BufReader::new(tls);
-                while let Some(req) = read_request(&mut r) {
+                while let Some(mut req) = read_request(&mut r) {
+                    req.client_cert = r
+                        .get_ref()
+                        .conn
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.to_vec());
                     let close = req
                         .header("connection")
                         .is_some_and(|c| c.eq_ignore_ascii_case("close"));
@@ -250,6 +316,7 @@ fn read_request<R: BufRead>(r: &mut R) -> Option<Request> {
         headers,
         body,
         chunked,
+        client_cert: None,
     })
 }
 

@@ -61,7 +61,7 @@ pub fn node(name: &str, ip: &str, ready: bool, etcd: bool, boot: &str) -> Value 
     if etcd {
         labels = json!({"node-role.kubernetes.io/etcd": "true", "node-role.kubernetes.io/control-plane": "true"});
     }
-    json!({"kind":"Node","metadata":{"name":name,"labels":labels},
+    json!({"apiVersion":"v1","kind":"Node","metadata":{"name":name,"labels":labels},
            "status":{"addresses":[{"type":"InternalIP","address":ip}],
                      "nodeInfo":{"bootID":boot},
                      "conditions":[{"type":"Ready","status": if ready {"True"} else {"Unknown"}}]}})
@@ -69,89 +69,11 @@ pub fn node(name: &str, ip: &str, ready: bool, etcd: bool, boot: &str) -> Value 
 
 impl FakeKube {
     /// `revive`: (node name, its BMC slot, the fake BMC, the node to return once it is back).
-    pub fn start(
-        nodes: Vec<Value>,
-        revive: Option<(String, usize, Arc<Mutex<super::bmc::State>>, Value)>,
-    ) -> FakeKube {
+    pub fn start(nodes: Vec<Value>, revive: Option<Revive>) -> FakeKube {
         let ca = http::ca();
         let cert = http::leaf(Some(&ca));
-        let mut st = KState::default();
-        for n in nodes {
-            st.nodes
-                .insert(n["metadata"]["name"].as_str().unwrap().to_string(), n);
-        }
-        let state = Arc::new(Mutex::new(st));
-        let s2 = state.clone();
-        let addr = http::serve(&cert, "127.0.0.1", 0, move |req| {
-            let mut s = s2.lock().unwrap();
-            s.requests.push(req.clone());
-            if req.header("authorization") != Some(&format!("Bearer {TOKEN}")) {
-                return Response::json(401, json!({"kind":"Status","message":"Unauthorized"}));
-            }
-            if let Some((name, slot, bmc, back)) = &revive {
-                let b = bmc.lock().unwrap();
-                let flashed_and_on = b.power[*slot - 1] && !b.uploads.is_empty();
-                if flashed_and_on
-                    && req.method == "GET"
-                    && req.path == format!("/api/v1/nodes/{name}")
-                {
-                    s.reads_after_power_on += 1;
-                }
-                // The Node object from before, if it survived the reimage.
-                let old = s.nodes.get(name).is_some_and(|n| {
-                    n["status"]["nodeInfo"]["bootID"] != back["status"]["nodeInfo"]["bootID"]
-                });
-                let held = old
-                    && match s.stale {
-                        Stale::No => false,
-                        Stale::Reads(n) => s.reads_after_power_on <= n,
-                        Stale::Forever => true,
-                    };
-                let missing = !s.nodes.contains_key(name);
-                if flashed_and_on && (old || missing) && !held && !s.deleting.contains_key(name) {
-                    s.nodes.insert(name.clone(), back.clone());
-                }
-            }
-            match (req.method.as_str(), req.path.strip_prefix("/api/v1/nodes")) {
-                ("GET", Some("")) => Response::json(
-                    200,
-                    json!({"kind":"NodeList","items": s.nodes.values().cloned().collect::<Vec<_>>()}),
-                ),
-                ("GET", Some(p)) => {
-                    let name = p.trim_start_matches('/').to_string();
-                    if let Some(n) = s.deleting.get(&name).copied() {
-                        if n == 0 {
-                            s.deleting.remove(&name);
-                            s.nodes.remove(&name);
-                        } else {
-                            s.deleting.insert(name.clone(), n - 1);
-                        }
-                    }
-                    match s.nodes.get(&name) {
-                        Some(n) => Response::json(200, n.clone()),
-                        None => Response::json(
-                            404,
-                            json!({"kind":"Status","message":format!("nodes \"{name}\" not found")}),
-                        ),
-                    }
-                }
-                ("DELETE", Some(p)) => {
-                    let name = p.trim_start_matches('/').to_string();
-                    let on = s
-                        .slots
-                        .get(&name)
-                        .map(|(slot, b)| b.lock().unwrap().power[*slot - 1]);
-                    s.power_at_delete.push((name.clone(), on));
-                    if s.nodes.contains_key(&name) {
-                        s.deleting.insert(name, 2);
-                        Response::json(200, json!({"kind":"Status","status":"Success"}))
-                    } else {
-                        Response::json(404, json!({"kind":"Status","message":"not found"}))
-                    }
-                }
-                _ => Response::json(404, json!({"kind":"Status","message":"not found"})),
-            }
-        });
+        let state = state_of(nodes);
+        let addr = http::serve(&cert, "127.0.0.1", 0, handler(state.clone(), revive));
         FakeKube {
             addr,
             ca_pem: ca.pem,
@@ -159,6 +81,165 @@ impl FakeKube {
         }
     }
 
+    /// Serving as a k3s cluster made with `kiln secrets init` would: a certificate signed by
+    /// the cluster's server CA (`ca_dir/server-ca.*`), client certificates checked against
+    /// every certificate of `ca_dir/client-ca.crt` (kube-apiserver's `--client-ca-file`), and
+    /// only a client in group `system:masters` (the certificate's O) let in: the one group the
+    /// tests' requests need, as RBAC would grant it everything.
+    pub fn start_with_cluster_ca(
+        nodes: Vec<Value>,
+        revive: Option<Revive>,
+        ca_dir: &std::path::Path,
+    ) -> FakeKube {
+        let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).unwrap();
+        let server_ca = read("server-ca.pem");
+        let cert = http::leaf_signed_by_pem(&server_ca, &read("server-ca.key"));
+        let roots = kiln::secrets::ca::parse_pem_certs(read("client-ca.crt").as_bytes()).unwrap();
+        let state = state_of(nodes);
+        let addr = http::serve_mtls(
+            &cert,
+            &roots,
+            "127.0.0.1",
+            0,
+            handler(state.clone(), revive),
+        );
+        FakeKube {
+            addr,
+            ca_pem: read("server-ca.crt"),
+            state,
+        }
+    }
+}
+
+/// Node name, its BMC slot, the fake BMC, and the Node to return once it is back.
+pub type Revive = (String, usize, Arc<Mutex<super::bmc::State>>, Value);
+
+fn state_of(nodes: Vec<Value>) -> Arc<Mutex<KState>> {
+    let mut st = KState::default();
+    for n in nodes {
+        st.nodes
+            .insert(n["metadata"]["name"].as_str().unwrap().to_string(), n);
+    }
+    Arc::new(Mutex::new(st))
+}
+
+/// The client is let in: the bearer token, or a verified client certificate in
+/// `system:masters`.
+fn authorized(req: &Request) -> bool {
+    if req.header("authorization") == Some(&format!("Bearer {TOKEN}")) {
+        return true;
+    }
+    let Some(der) = &req.client_cert else {
+        return false;
+    };
+    let Ok((_, c)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    c.subject()
+        .iter_organization()
+        .any(|o| o.as_str() == Ok("system:masters"))
+}
+
+fn handler(
+    state: Arc<Mutex<KState>>,
+    revive: Option<Revive>,
+) -> impl Fn(Request) -> Response + Send + Sync + 'static {
+    move |req| {
+        let mut s = state.lock().unwrap();
+        s.requests.push(req.clone());
+        if !authorized(&req) {
+            return Response::json(401, json!({"kind":"Status","message":"Unauthorized"}));
+        }
+        // Discovery, as kubectl asks before `get nodes`.
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/api") => {
+                return Response::json(
+                    200,
+                    json!({"kind":"APIVersions","versions":["v1"],
+                        "serverAddressByClientCIDRs":[{"clientCIDR":"0.0.0.0/0","serverAddress":"127.0.0.1"}]}),
+                );
+            }
+            ("GET", "/apis") => {
+                return Response::json(
+                    200,
+                    json!({"kind":"APIGroupList","apiVersion":"v1","groups":[]}),
+                );
+            }
+            ("GET", "/api/v1") => {
+                return Response::json(
+                    200,
+                    json!({"kind":"APIResourceList","groupVersion":"v1",
+                        "resources":[{"name":"nodes","singularName":"","namespaced":false,"kind":"Node",
+                                      "verbs":["delete","get","list"],"shortNames":["no"]}]}),
+                );
+            }
+            _ => {}
+        }
+        if let Some((name, slot, bmc, back)) = &revive {
+            let b = bmc.lock().unwrap();
+            let flashed_and_on = b.power[*slot - 1] && !b.uploads.is_empty();
+            if flashed_and_on && req.method == "GET" && req.path == format!("/api/v1/nodes/{name}")
+            {
+                s.reads_after_power_on += 1;
+            }
+            // The Node object from before, if it survived the reimage.
+            let old = s.nodes.get(name).is_some_and(|n| {
+                n["status"]["nodeInfo"]["bootID"] != back["status"]["nodeInfo"]["bootID"]
+            });
+            let held = old
+                && match s.stale {
+                    Stale::No => false,
+                    Stale::Reads(n) => s.reads_after_power_on <= n,
+                    Stale::Forever => true,
+                };
+            let missing = !s.nodes.contains_key(name);
+            if flashed_and_on && (old || missing) && !held && !s.deleting.contains_key(name) {
+                s.nodes.insert(name.clone(), back.clone());
+            }
+        }
+        match (req.method.as_str(), req.path.strip_prefix("/api/v1/nodes")) {
+            ("GET", Some("")) => Response::json(
+                200,
+                json!({"apiVersion":"v1","kind":"NodeList","metadata":{},"items": s.nodes.values().cloned().collect::<Vec<_>>()}),
+            ),
+            ("GET", Some(p)) => {
+                let name = p.trim_start_matches('/').to_string();
+                if let Some(n) = s.deleting.get(&name).copied() {
+                    if n == 0 {
+                        s.deleting.remove(&name);
+                        s.nodes.remove(&name);
+                    } else {
+                        s.deleting.insert(name.clone(), n - 1);
+                    }
+                }
+                match s.nodes.get(&name) {
+                    Some(n) => Response::json(200, n.clone()),
+                    None => Response::json(
+                        404,
+                        json!({"kind":"Status","message":format!("nodes \"{name}\" not found")}),
+                    ),
+                }
+            }
+            ("DELETE", Some(p)) => {
+                let name = p.trim_start_matches('/').to_string();
+                let on = s
+                    .slots
+                    .get(&name)
+                    .map(|(slot, b)| b.lock().unwrap().power[*slot - 1]);
+                s.power_at_delete.push((name.clone(), on));
+                if s.nodes.contains_key(&name) {
+                    s.deleting.insert(name, 2);
+                    Response::json(200, json!({"kind":"Status","status":"Success"}))
+                } else {
+                    Response::json(404, json!({"kind":"Status","message":"not found"}))
+                }
+            }
+            _ => Response::json(404, json!({"kind":"Status","message":"not found"})),
+        }
+    }
+}
+
+impl FakeKube {
     pub fn kubeconfig(&self) -> String {
         use base64::Engine;
         let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
