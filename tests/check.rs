@@ -320,9 +320,17 @@ fn secrets_init_creates_root_only_tokens_and_never_overwrites() {
     let mode = std::fs::metadata(&t).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let token = std::fs::read_to_string(&t).unwrap();
-    assert_eq!(token.trim().len(), 64);
-    assert!(!stdout(&o).contains(token.trim()), "token printed");
-    assert!(!stderr(&o).contains(token.trim()), "token printed");
+    // A new cluster's token is pinned to the CA made with it: K10<64 hex>::server:<64 hex>.
+    let (hash, secret) = token
+        .trim()
+        .strip_prefix("K10")
+        .and_then(|r| r.split_once("::server:"))
+        .expect("a K10 server token");
+    let hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(hex(hash) && hex(secret), "not K10<hash>::server:<secret>");
+    assert!(ws.path("secrets/production.ca/server-ca.crt").is_file());
+    assert!(!stdout(&o).contains(secret), "token printed");
+    assert!(!stderr(&o).contains(secret), "token printed");
     assert_ok(&ws.kiln(&["secrets", "init"]), "second secrets init");
     assert_eq!(
         std::fs::read_to_string(&t).unwrap(),

@@ -38,7 +38,13 @@ pub fn init(inv: &Inventory) -> Result<Vec<Created>> {
         if have_ca {
             out.push(Created::Kept(dir.clone()));
         } else if token_exists {
-            out.push(Created::NoCa(dir.clone()));
+            // A pinned token without a CA here pins the running cluster's own; say nothing.
+            let pinned = std::fs::read_to_string(&c.token_file)
+                .map(|t| t.trim_start().starts_with("K10"))
+                .unwrap_or(false);
+            if !pinned {
+                out.push(Created::NoCa(dir.clone()));
+            }
         } else {
             ca::create(&dir, OffsetDateTime::now_utc())?;
             have_ca = true;
