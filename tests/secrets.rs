@@ -477,6 +477,22 @@ fn the_cluster_ca_goes_only_to_the_server_that_may_start_the_cluster() {
     }
 }
 
+/// Debian's kubectl (kubernetes-client), unpacked once into kiln's cache by
+/// tools/debian-kubectl.sh: whatever else owns `kubectl` on the machine is not what is tested.
+fn debian_kubectl() -> PathBuf {
+    let cache = std::env::var_os("KILN_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("kiln")))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln"));
+    let o = std::process::Command::new("bash")
+        .arg(repo().join("tools/debian-kubectl.sh"))
+        .arg(cache.join("debian-kubectl"))
+        .output()
+        .unwrap();
+    assert_ok(&o, "tools/debian-kubectl.sh");
+    PathBuf::from(stdout(&o).trim())
+}
+
 #[test]
 fn kiln_kubeconfig_is_accepted_by_kubectl_against_an_api_server_signed_by_the_cluster_ca() {
     let ws = ca_workspace("kubeconfig");
@@ -550,9 +566,10 @@ fn kiln_kubeconfig_is_accepted_by_kubectl_against_an_api_server_signed_by_the_cl
         None,
         &ca,
     );
+    let kubectl_bin = debian_kubectl();
     let kubectl = |kubeconfig: &Path| {
         run(
-            "kubectl",
+            p(&kubectl_bin),
             &[
                 "--kubeconfig",
                 p(kubeconfig),
