@@ -8,8 +8,8 @@
 # kernel, its initramfs and device trees under the names the board's boot path reads (and,
 # for the Raspberry Pi firmware, cmdline.txt). A directory is written under a temporary name
 # and renamed when complete, and its name changes with its content, so a directory the
-# configuration names is never rewritten in place. The configuration (extlinux.conf or
-# config.txt) is written to a temporary file and renamed: the one step that switches kernels.
+# configuration names is never rewritten in place. The configuration (extlinux.conf,
+# config.txt, or systemd-boot's loader/entries/kiln*.conf) is written to a temporary file and renamed: the one step that switches kernels.
 # Directories no configuration names are removed last. The files the image was built with
 # (at the partition's root) are never touched: the firmware falls back to them.
 #
@@ -132,7 +132,32 @@ label() { # id name
     printf '    append %s\n' "$KILN_CMDLINE"
 }
 
+bls() { # id title-suffix
+    v=${1%-*}
+    printf '# Written by kiln-boot-sync for %s.\n' "$KILN_NODE"
+    printf 'title %s (%s, kernel %s)%s\n' "$KILN_NODE" "$KILN_BOARD" "$v" "$2"
+    printf 'version %s\n' "$v"
+    printf 'linux /k/%s/%s\n' "$1" "$KILN_KERNEL_FILE"
+    printf 'initrd /k/%s/%s\n' "$1" "$KILN_INITRD_FILE"
+    printf 'options %s\n' "$KILN_CMDLINE"
+}
+
 case $KILN_BOOT_STYLE in
+systemd-boot)
+    # Boot Loader Specification entries; loader/loader.conf (from the image) names kiln.conf
+    # the default, and the previous kernel is one menu entry down.
+    mkdir -p "$BOOT/loader/entries" || die "writing $BOOT/loader failed"
+    bls "$new" "" >"$BOOT/loader/entries/kiln.conf.kiln-tmp" || die "writing $BOOT/loader failed"
+    commit "$BOOT/loader/entries/kiln.conf"
+    if [ -n "$prev" ]; then
+        bls "$prev" " - previous" >"$BOOT/loader/entries/kiln-previous.conf.kiln-tmp" ||
+            die "writing $BOOT/loader failed"
+        commit "$BOOT/loader/entries/kiln-previous.conf"
+    elif [ -e "$BOOT/loader/entries/kiln-previous.conf" ]; then
+        rm -f "$BOOT/loader/entries/kiln-previous.conf"
+        changed=1
+    fi
+    ;;
 extlinux)
     mkdir -p "$BOOT/extlinux"
     {

@@ -9,6 +9,8 @@
 //! `tests/golden/<board>.layout`. Rerun with `KILN_BLESS=1` to rewrite the files after an
 //! intended change. All in-process: no mmdebstrap, network, root or image is involved.
 
+mod common;
+
 use kiln::config::board::{self, Content, PartSize, TableKind};
 use kiln::config::size::ByteSize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -346,11 +348,18 @@ fn layout_dump(cfg: &kiln::config::Config, board_name: &str, node: &str) -> Stri
         };
         dtbs.insert(rel, b"dtb".to_vec());
     }
+    // And every file the board copies from the base.
+    let extra = spec
+        .boot_files
+        .iter()
+        .map(|c| (c.from.clone(), b"from the base".to_vec()))
+        .collect();
     let kernel = kiln::rootfs::base::KernelFiles {
         version: STANDIN_KERNEL.into(),
         vmlinuz: b"kernel".to_vec(),
         initrd: b"initrd".to_vec(),
         dtbs,
+        extra,
     };
     let files = bootcfg::boot_files(&plan, &kernel, "{}\n")
         .unwrap_or_else(|e| panic!("boot files of {board_name}: {e:#}"));
@@ -361,7 +370,11 @@ fn layout_dump(cfg: &kiln::config::Config, board_name: &str, node: &str) -> Stri
     for (name, data) in &files {
         if matches!(
             name.as_str(),
-            "extlinux/extlinux.conf" | "config.txt" | "cmdline.txt"
+            "extlinux/extlinux.conf"
+                | "config.txt"
+                | "cmdline.txt"
+                | "loader/loader.conf"
+                | "loader/entries/kiln.conf"
         ) {
             writeln!(w, "{name}:").unwrap();
             for line in String::from_utf8_lossy(data).lines() {
@@ -403,8 +416,11 @@ fn diff(want: &str, got: &str) -> String {
 
 #[test]
 fn golden_layout_per_board() {
-    let cfg = kiln::config::load(&repo().join("kiln.toml"), &repo().join("boards"), false)
-        .unwrap_or_else(|e| panic!("the shipped configuration does not load:\n{e}"));
+    let ws = common::inventory_with_examples();
+    let cfg =
+        kiln::config::load(&ws.join("kiln.toml"), &ws.join("boards"), false).unwrap_or_else(|e| {
+            panic!("the shipped configuration (examples uncommented) does not load:\n{e}")
+        });
     let bless = std::env::var_os("KILN_BLESS").is_some_and(|v| v == "1");
     let dir = repo().join("tests/golden");
     let mut problems = Vec::new();
@@ -441,6 +457,7 @@ fn golden_layout_per_board() {
             }
         }
     }
+    let _ = std::fs::remove_dir_all(&ws);
     assert!(
         problems.is_empty(),
         "{}\nIf the change is intended, rerun with KILN_BLESS=1 to rewrite tests/golden/*.layout:\n  KILN_BLESS=1 cargo test --test board_rules golden",

@@ -52,14 +52,16 @@ impl Vm {
             .unwrap_or(0);
         let q = argv
             .iter()
-            .position(|a| a == "qemu-system-aarch64")
-            .expect("a qemu-system-aarch64 command");
+            .position(|a| a.starts_with("qemu-system-"))
+            .expect("a qemu-system-* command");
         let mut all: Vec<String> = argv[..=q].to_vec();
+        // arm64 boards on `virt`; x86 on q35 (the args bring its UEFI firmware).
+        if argv[q] == "qemu-system-x86_64" {
+            all.extend(["-M".into(), "q35".into()]);
+        } else {
+            all.extend(["-M".into(), "virt".into(), "-cpu".into(), "max".into()]);
+        }
         all.extend([
-            "-M".into(),
-            "virt".into(),
-            "-cpu".into(),
-            "max".into(),
             "-m".into(),
             "1024".into(),
             "-display".into(),
@@ -79,7 +81,7 @@ impl Vm {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("qemu-system-aarch64 (install qemu-system-arm; .ci/run does)");
+            .expect("qemu-system-aarch64/x86_64 (qemu-system-arm, qemu-system-x86; .ci/run installs them)");
         Vm {
             name: name.to_string(),
             child: std::cell::RefCell::new(child),
@@ -351,8 +353,13 @@ fn sign_standin_serving_cert(ws: &Workspace) {
 
 impl BootWs {
     fn build(&self, node: &str, out: &str, extra: &[&str]) -> PathBuf {
+        let x86;
         let base = if node.starts_with("pi5") {
             &self.rpi5_base
+        } else if node.starts_with("x86") {
+            // Built (natively) only by the test that boots it; cached by recipe.
+            x86 = real_base(&self.ws, "x86-uefi");
+            &x86
         } else {
             &self.rk1_base
         };
@@ -1158,4 +1165,174 @@ fn an_installed_kernel_is_booted_and_a_removed_one_is_not() {
         listed.contains(&baked) && !listed.contains(&new_version),
         "{listed}"
     );
+}
+
+/// OVMF (Debian's `ovmf`): the firmware code read-only, and a copy of its variable store per VM.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// An x86_64 UEFI machine on the LAN: OVMF with an empty variable store (no boot entry, so
+/// the firmware takes the disk's removable-media path), the image as a virtio disk.
+fn start_x86_on_lan(lan: &Lan, bw: &BootWs, name: &str, disk: &Path, tap: &str, mac: u8) -> Vm {
+    let vars = bw.ws.path(&format!("{name}.vars.fd"));
+    std::fs::copy(OVMF_VARS, &vars).expect("OVMF (install ovmf; .ci/run does)");
+    let mut args = lan.prefix();
+    args.push("qemu-system-x86_64".into());
+    args.extend([
+        "-smp".into(),
+        "1".into(),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw", disk.display()),
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n0,mac=52:54:00:00:66:{mac:02x}"),
+    ]);
+    Vm::start_with(name, &bw.ws.path(&format!("{name}.console")), &args)
+}
+
+impl BootWs {
+    /// A command on a LAN guest, over SSH from inside the namespace.
+    fn ssh_lan(&self, lan: &Lan, ip: &str, cmd: &str) -> Result<String, String> {
+        let mut argv = lan.prefix();
+        argv.push("ssh".into());
+        argv.extend(self.ssh_opts());
+        argv.push(format!("root@{ip}"));
+        argv.push(cmd.into());
+        let o = Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .map_err(|e| format!("ssh: {e}"))?;
+        if !o.status.success() {
+            return Err(format!("ssh `{cmd}` failed: {}", stderr(&o)));
+        }
+        Ok(stdout(&o))
+    }
+}
+
+#[test]
+#[ignore = "slow tier: builds the amd64 base and boots an x86 UEFI worker beside an RK1 server under QEMU (make test); needs root"]
+fn an_x86_uefi_worker_boots_under_ovmf_and_joins_an_rk1_server() {
+    let bw = boot_workspace("boot-x86");
+    // The example x86-1 agent, and rk1-1 the production cluster's only server (it starts the
+    // cluster at once instead of waiting 120 s for peers this test does not boot).
+    let inv = std::fs::read_to_string(bw.ws.path("kiln.toml")).unwrap();
+    let start = inv
+        .find("# [[node]]")
+        .expect("the x86-1 example in kiln.toml");
+    let (head, example) = inv.split_at(start);
+    let example: String = example
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l).to_string() + "\n")
+        .collect();
+    let mut inv = format!("{head}{example}");
+    // rk1-2 and rk1-3 become staging agents: not peers of rk1-1 any more.
+    for (n, ip) in [("rk1-2", "12"), ("rk1-3", "13")] {
+        let before = inv.clone();
+        inv = inv
+            .replace(
+                &format!("name = \"{n}\"\ncluster = \"production\""),
+                &format!("name = \"{n}\"\ncluster = \"staging\""),
+            )
+            .replace(
+                &format!("ip = \"192.168.100.{ip}\"\nrole = \"server\""),
+                &format!("ip = \"192.168.100.{ip}\"\nrole = \"agent\""),
+            );
+        assert_ne!(inv, before, "kiln.toml's {n} block changed shape");
+    }
+    std::fs::write(bw.ws.path("kiln.toml"), inv).unwrap();
+
+    let t0 = Instant::now();
+    let x86_img = bw.build("x86-1", "out", &[]);
+    eprintln!(
+        "x86: amd64 base (cached or built) and image in {:.0} s; image {} MiB",
+        t0.elapsed().as_secs_f64(),
+        std::fs::metadata(&x86_img).unwrap().len() >> 20
+    );
+    // The loader the firmware starts is a PE32+ x86-64 EFI program (file(1) says so).
+    let (_, parts) = sfdisk(&x86_img);
+    let efi = bw.ws.path("BOOTX64.EFI");
+    std::fs::write(
+        &efi,
+        mcopy(&x86_img, parts[0].start, "EFI/BOOT/BOOTX64.EFI"),
+    )
+    .unwrap();
+    let f = stdout(&run("file", &["-b", efi.to_str().unwrap()]));
+    assert!(
+        f.contains("PE32+") && f.contains("x86-64") && f.contains("EFI application"),
+        "{f}"
+    );
+    // The initramfs holds the storage and NIC drivers the board asks for.
+    let initrd = bw.ws.path("initrd.img");
+    std::fs::write(&initrd, mcopy(&x86_img, parts[0].start, "initrd.img")).unwrap();
+    let list = stdout(&run("lsinitramfs", &[initrd.to_str().unwrap()]));
+    for m in [
+        "nvme.ko",
+        "ahci.ko",
+        "virtio_blk.ko",
+        "e1000e.ko",
+        "igb.ko",
+        "r8169.ko",
+    ] {
+        assert!(
+            list.lines().any(|l| l.contains(&format!("/{m}"))),
+            "{m} not in the initramfs"
+        );
+    }
+
+    let lan = Lan::new("x86");
+    let _ntp = sntp(
+        &lan.prefix().iter().map(String::as_str).collect::<Vec<_>>(),
+        "192.168.100.1",
+    );
+    let rk1_img = bw.build("rk1-1", "out", &[]);
+    let rk1_disk = bw.disk(&rk1_img, "rk1-1");
+    lan.tap("tap1");
+    let rk1 = start_on_lan(&lan, &bw, "rk1-1", &rk1_disk, "tap1", 0x11);
+    let x86_disk = bw.disk(&x86_img, "x86-1");
+    lan.tap("tap2");
+    let x86 = start_x86_on_lan(&lan, &bw, "x86-1", &x86_disk, "tap2", 0x20);
+    let all = [&rk1, &x86];
+    let t = must(&all, x86.wait_for("x86-1 login:", LOGIN_WAIT));
+    eprintln!("x86: login prompt at {:.0} s (TCG, OVMF)", t.as_secs_f64());
+    let t = must(
+        &all,
+        x86.wait_for("K3S-STANDIN: agent node-name=x86-1", FIRSTBOOT_WAIT),
+    );
+    let l = standin_line(&x86, "x86-1");
+    eprintln!("x86: joined at {:.0} s: {l}", t.as_secs_f64());
+    assert!(
+        l.contains("server=https://192.168.100.11:6443") && l.contains("ca-pin=match"),
+        "{l}"
+    );
+
+    // Booted by UEFI and systemd-boot (it sets LoaderInfo), grown, its own host keys.
+    let out = must(
+        &all,
+        bw.ssh_lan(
+            &lan,
+            "192.168.100.20",
+            "hostname; findmnt -n -o SOURCE /; lsblk -b -n -d -o SIZE /dev/vda2; \
+             ls /sys/firmware/efi/efivars | grep -c '^LoaderInfo-'; \
+             ls /etc/ssh/ssh_host_ed25519_key; systemctl is-system-running || true",
+        ),
+    );
+    eprintln!("x86: {}", out.replace('\n', " | "));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "x86-1");
+    assert_eq!(lines[1], "/dev/vda2");
+    let root: u64 = lines[2].trim().parse().unwrap();
+    assert!(
+        root > DISK - (600 << 20),
+        "root not grown to the disk: {root}"
+    );
+    assert_eq!(
+        lines[3], "1",
+        "no LoaderInfo variable: not started by systemd-boot"
+    );
+    assert!(lines[4].ends_with("ssh_host_ed25519_key"));
 }

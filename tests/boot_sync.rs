@@ -6,6 +6,8 @@
 //! failed copy (the configuration untouched), a missing device tree, and the Pi firmware's
 //! config.txt with os_prefix (the D0 variant's tree survives).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -23,8 +25,11 @@ struct Node {
 }
 
 fn plan(node: &str) -> kiln::plan::NodePlan {
-    let cfg = kiln::config::load(&repo().join("kiln.toml"), &repo().join("boards"), false)
+    // kiln.toml with its commented-out examples (x86-1) too.
+    let inv = common::inventory_with_examples();
+    let cfg = kiln::config::load(&inv.join("kiln.toml"), &inv.join("boards"), false)
         .expect("example inventory loads");
+    let _ = std::fs::remove_dir_all(&inv);
     let mut supplied: BTreeMap<String, PathBuf> = BTreeMap::new();
     supplied.insert("base".into(), PathBuf::from("/nonexistent/base.tar"));
     supplied.insert("uboot".into(), PathBuf::from("/nonexistent/uboot"));
@@ -350,4 +355,54 @@ fn the_pi_firmware_gets_os_prefix_and_keeps_the_variants_tree() {
         prev.contains("device_tree=bcm2712-d-rpi-5-b.dtb\n"),
         "{prev}"
     );
+}
+
+#[test]
+fn systemd_boot_gets_a_bls_entry_per_kernel_the_newest_the_default() {
+    let n = Node::new("systemd-boot", "x86-1", None);
+    n.install("6.12.118+deb13-amd64", &[]);
+    let log = ok(&n.sync());
+    assert!(log.contains("booting kernel 6.12.118+deb13-amd64"), "{log}");
+    let entry = n.read("loader/entries/kiln.conf");
+    let dir = entry
+        .lines()
+        .find_map(|l| l.strip_prefix("linux /k/"))
+        .and_then(|l| l.split('/').next())
+        .unwrap_or_else(|| panic!("no linux line in\n{entry}"))
+        .to_string();
+    assert!(dir.starts_with("6.12.118+deb13-amd64-"), "{entry}");
+    assert!(
+        entry.contains(&format!("initrd /k/{dir}/initrd.img\n")),
+        "{entry}"
+    );
+    assert!(entry.contains("version 6.12.118+deb13-amd64\n"), "{entry}");
+    assert!(
+        entry.contains("options root=PARTUUID=") && entry.contains("console=ttyS0,115200n8"),
+        "{entry}"
+    );
+    assert_eq!(
+        n.read(&format!("k/{dir}/vmlinuz")),
+        "kernel 6.12.118+deb13-amd64\n"
+    );
+    assert!(!n.boot.join("loader/entries/kiln-previous.conf").exists());
+
+    // A newer kernel is the default (kiln.conf, which loader.conf names); the old one is the
+    // entry below it.
+    n.install("7.3.4+deb13-amd64", &[]);
+    ok(&n.sync());
+    let new = n.read("loader/entries/kiln.conf");
+    let prev = n.read("loader/entries/kiln-previous.conf");
+    assert!(new.contains("linux /k/7.3.4+deb13-amd64-"), "{new}");
+    assert!(prev.contains(&format!("linux /k/{dir}/vmlinuz")), "{prev}");
+    assert!(prev.contains(" - previous"), "{prev}");
+
+    // Removed again: one entry, the other file gone.
+    n.remove("7.3.4+deb13-amd64");
+    ok(&n.sync());
+    assert!(
+        n.read("loader/entries/kiln.conf")
+            .contains(&format!("linux /k/{dir}/vmlinuz"))
+    );
+    assert!(!n.boot.join("loader/entries/kiln-previous.conf").exists());
+    assert_eq!(n.dirs(), vec![dir]);
 }

@@ -30,6 +30,10 @@ pub enum BootStyle {
     RpiFirmware,
     /// U-Boot distro boot reading /extlinux/extlinux.conf from the bootable partition.
     Extlinux,
+    /// UEFI firmware starting systemd-boot from the EFI system partition's removable-media
+    /// path (`EFI/BOOT/BOOT<arch>.EFI`, no NVRAM entry needed), which reads Boot Loader
+    /// Specification entries from `loader/entries/`.
+    SystemdBoot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -171,7 +175,20 @@ pub struct DtbCopy {
     pub optional: bool,
 }
 
+/// A file of the base root filesystem copied onto the boot partition (`[[boot_file]]`), e.g.
+/// the EFI loader.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseFileCopy {
+    /// Path in the base, e.g. `usr/lib/systemd/boot/efi/systemd-bootx64.efi`.
+    pub from: String,
+    /// Path on the boot partition.
+    pub to: String,
+    /// The Debian package that ships `from`, for the message when the base lacks it.
+    pub package: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceTree {
     #[serde(default)]
@@ -234,7 +251,11 @@ pub struct BoardFile {
     #[serde(default, rename = "artifact")]
     pub artifacts: Vec<ArtifactSpec>,
     pub kernel: Kernel,
+    /// Absent on boards without device trees (x86).
+    #[serde(default)]
     pub devicetree: DeviceTree,
+    #[serde(default, rename = "boot_file")]
+    pub boot_files: Vec<BaseFileCopy>,
     #[serde(default)]
     pub rpi: RpiConfig,
     /// Command that edits the firmware settings of `[target.*] eeprom` (printed with them).
@@ -744,6 +765,26 @@ pub const RULES: &[Rule] = &[
         id: "rpi-firmware-mbr",
         what: "rpi-firmware boards use an MBR",
         check: rpi_firmware_mbr,
+    },
+    Rule {
+        id: "systemd-boot-gpt",
+        what: "systemd-boot boards use a GPT",
+        check: systemd_boot_gpt,
+    },
+    Rule {
+        id: "systemd-boot-esp",
+        what: "a systemd-boot board's boot partition has type esp",
+        check: systemd_boot_esp,
+    },
+    Rule {
+        id: "systemd-boot-loader",
+        what: "a systemd-boot board copies its loader to EFI/BOOT/BOOT<arch>.EFI",
+        check: systemd_boot_loader,
+    },
+    Rule {
+        id: "boot-file-from",
+        what: "[[boot_file]] from is a relative path in the base",
+        check: boot_file_from,
     },
 ];
 
@@ -1618,6 +1659,11 @@ fn boot_names(b: &BoardFile) -> Vec<(String, String, bool, &'static str)> {
             ));
         }
     }
+    for (i, c) in b.boot_files.iter().enumerate() {
+        if is_boot_path(&c.to) {
+            names.push((c.to.clone(), format!("boot_file[{i}].to"), true, "to"));
+        }
+    }
     names
 }
 
@@ -1686,6 +1732,7 @@ fn boot_files_vs_generated(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
     let generated: &[&str] = match b.boot {
         BootStyle::Extlinux => &["extlinux/extlinux.conf", "kiln.json"],
         BootStyle::RpiFirmware => &["config.txt", "cmdline.txt", "kiln.json"],
+        BootStyle::SystemdBoot => &["loader/loader.conf", "loader/entries", "kiln.json"],
     };
     let key = |s: &str| s.to_ascii_lowercase();
     for (path, field, file, at) in &boot_names(b) {
@@ -1824,6 +1871,79 @@ fn eeprom_tool_line(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
             "eeprom_tool",
             format!("{t:?} is not one line; expected a command without control characters"),
         ));
+    }
+}
+
+// ---- UEFI (systemd-boot) ----
+
+/// UEFI firmware finds the EFI system partition by its GPT type (UEFI spec 2.10, 13.3.3).
+fn systemd_boot_gpt(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.boot == BootStyle::SystemdBoot && b.partition_table.kind != TableKind::Gpt {
+        d.push(cx.diag(
+            cx.key_span("kind"),
+            "partition_table.kind",
+            "systemd-boot boards use a GPT (the firmware finds the EFI system partition by its type)",
+        ));
+    }
+}
+
+/// The boot partition is the EFI system partition: type `esp`, or the firmware never looks in it.
+fn systemd_boot_esp(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    // On an MBR, systemd-boot-gpt says what is wrong.
+    if b.boot != BootStyle::SystemdBoot || b.partition_table.kind != TableKind::Gpt {
+        return;
+    }
+    for (i, p) in b.partitions.iter().enumerate() {
+        if p.content == Content::Boot && !p.type_.eq_ignore_ascii_case("esp") {
+            d.push(cx.diag(
+                cx.key_span("type"),
+                format!("partition[{i}].type"),
+                "the boot partition of a systemd-boot board is the EFI system partition; expected type = \"esp\"",
+            ));
+        }
+    }
+}
+
+/// With no NVRAM entry (kiln writes images, never firmware variables), UEFI starts the
+/// removable-media path `EFI/BOOT/BOOT<arch>.EFI` (UEFI spec 2.10, 3.5.1.1): the loader must be
+/// there, copied from the base.
+fn systemd_boot_loader(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    if b.boot != BootStyle::SystemdBoot {
+        return;
+    }
+    let want = match b.arch {
+        Arch::Amd64 => "EFI/BOOT/BOOTX64.EFI",
+        Arch::Arm64 => "EFI/BOOT/BOOTAA64.EFI",
+    };
+    if !b.boot_files.iter().any(|c| c.to.eq_ignore_ascii_case(want)) {
+        d.push(cx.diag(
+            cx.key_span("boot"),
+            "boot_file",
+            format!(
+                "systemd-boot boards need a [[boot_file]] with to = \"{want}\" (the path UEFI starts without an NVRAM entry)"
+            ),
+        ));
+    }
+}
+
+/// `[[boot_file]] from` is a path inside the base: relative, no `..`.
+fn boot_file_from(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (i, c) in b.boot_files.iter().enumerate() {
+        let ok = !c.from.is_empty()
+            && !c.from.starts_with('/')
+            && c.from
+                .split('/')
+                .all(|x| !x.is_empty() && x != "." && x != "..");
+        if !ok {
+            d.push(cx.diag(
+                cx.key_span("from"),
+                format!("boot_file[{i}].from"),
+                format!(
+                    "{:?} is not a path in the base; expected a relative path without `.` or `..` (e.g. usr/lib/systemd/boot/efi/systemd-bootx64.efi)",
+                    c.from
+                ),
+            ));
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use super::fat::BootFiles;
 use crate::config::board::BootStyle;
 use crate::plan::NodePlan;
-use crate::plan::boot::{cmdline, extlinux_conf, rpi_config_txt};
+use crate::plan::boot::{bls_entry, cmdline, extlinux_conf, loader_conf, rpi_config_txt};
 use crate::rootfs::base::KernelFiles;
 use anyhow::{Result, bail};
 
@@ -58,7 +58,39 @@ pub fn boot_files(plan: &NodePlan, kernel: &KernelFiles, identity_json: &str) ->
             kernel.version,
         );
     }
+    for c in &spec.boot_files {
+        let Some(data) = kernel.extra.get(&c.from) else {
+            bail!(
+                "the base has no /{}; board {} copies it to the boot partition as {} (install package {} in the base)",
+                c.from,
+                plan.board.name(),
+                c.to,
+                c.package
+            );
+        };
+        files.insert(c.to.clone(), data.clone());
+    }
     match spec.boot {
+        BootStyle::SystemdBoot => {
+            files.insert("loader/loader.conf".into(), loader_conf(plan).into_bytes());
+            let title = format!(
+                "{} ({}, kernel {})",
+                plan.node.name,
+                plan.board.name(),
+                kernel.version
+            );
+            files.insert(
+                "loader/entries/kiln.conf".into(),
+                bls_entry(
+                    plan,
+                    &title,
+                    &kernel.version,
+                    &spec.kernel.file,
+                    &spec.kernel.initrd,
+                )
+                .into_bytes(),
+            );
+        }
         BootStyle::Extlinux => {
             let conf = extlinux_conf(plan, &kernel.version);
             files.insert("extlinux/extlinux.conf".into(), conf.into_bytes());

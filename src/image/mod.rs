@@ -57,9 +57,12 @@ pub fn scan_base(plan: &NodePlan, base_path: &Path) -> Result<base::BaseScan> {
         .with_context(|| format!("reading base tarball {}", base_path.display()))?
         .len();
     let pb = crate::progress::bytes(base_len, format!("{}: scanning base", plan.board.name()));
-    let scan = base::scan(base_path, &plan.board.spec.devicetree.copy, &|n| {
-        pb.set_position(n)
-    });
+    let scan = base::scan(
+        base_path,
+        &plan.board.spec.devicetree.copy,
+        &plan.board.spec.boot_files,
+        &|n| pb.set_position(n),
+    );
     pb.finish_and_clear();
     scan
 }

@@ -64,3 +64,32 @@ pub fn rpi_config_txt(plan: &NodePlan) -> String {
     }
     s
 }
+
+/// systemd-boot's `loader/loader.conf`: the kiln entry by default, a short menu, and no
+/// command-line editor (at the console it would allow `init=/bin/sh`).
+pub fn loader_conf(plan: &NodePlan) -> String {
+    format!(
+        "# Written by kiln for {}. systemd-boot reads this file.\n\
+         default kiln.conf\n\
+         timeout 3\n\
+         editor no\n",
+        plan.node.name
+    )
+}
+
+/// A Boot Loader Specification (type 1) entry, `loader/entries/<id>.conf`: `linux` and
+/// `initrd` are paths on the EFI system partition.
+pub fn bls_entry(plan: &NodePlan, title: &str, version: &str, linux: &str, initrd: &str) -> String {
+    format!(
+        "# Written by kiln for {node}.\n\
+         title {title}\n\
+         version {version}\n\
+         linux /{linux}\n\
+         initrd /{initrd}\n\
+         options {options}\n",
+        node = plan.node.name,
+        linux = linux.trim_start_matches('/'),
+        initrd = initrd.trim_start_matches('/'),
+        options = cmdline(plan),
+    )
+}

@@ -1,7 +1,7 @@
 //! The base root filesystem tarball: opening it (plain, gzip or zstd) and one scanning pass that
 //! pulls out the kernel, initramfs and device trees and measures the tree for sizing.
 
-use crate::config::board::DtbCopy;
+use crate::config::board::{BaseFileCopy, DtbCopy};
 use crate::config::size::{GIB, MIB, human};
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
@@ -76,6 +76,8 @@ pub struct KernelFiles {
     /// Device-tree files selected by the board, keyed by their path relative to the dtb root
     /// (e.g. `rockchip/rk3588-turing-rk1.dtb`).
     pub dtbs: BTreeMap<String, Vec<u8>>,
+    /// The board's `[[boot_file]]`s found in the base, by their path there.
+    pub extra: BTreeMap<String, Vec<u8>>,
 }
 
 /// What one pass over the base found.
@@ -99,6 +101,7 @@ struct Found {
     kernels: BTreeMap<String, Vec<u8>>,
     initrds: BTreeMap<String, Vec<u8>>,
     dtbs: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    extra: BTreeMap<String, Vec<u8>>,
     /// Regular files by path, kept only for the boot files, to resolve hard links to them.
     hardlinks: Vec<(String, String)>,
 }
@@ -169,7 +172,12 @@ fn version_key(v: &str) -> Vec<(u64, String)> {
 }
 
 /// Reads the whole base once. `on_bytes` is told how many compressed bytes were consumed so far.
-pub fn scan(path: &Path, dtb_copies: &[DtbCopy], on_progress: &dyn Fn(u64)) -> Result<BaseScan> {
+pub fn scan(
+    path: &Path,
+    dtb_copies: &[DtbCopy],
+    boot_files: &[BaseFileCopy],
+    on_progress: &dyn Fn(u64),
+) -> Result<BaseScan> {
     let sha256 = crate::fetch::sha256_file(path)?;
     let mut archive = tar::Archive::new(open(path, on_progress)?);
     let mut found = Found::default();
@@ -252,6 +260,10 @@ pub fn scan(path: &Path, dtb_copies: &[DtbCopy], on_progress: &dyn Fn(u64)) -> R
                 let data = read(&mut entry)?;
                 found.dtbs.entry(v).or_default().insert(rel, data);
             }
+            _ if boot_files.iter().any(|b| b.from == p) => {
+                let data = read(&mut entry)?;
+                found.extra.insert(p.clone(), data);
+            }
             _ => {}
         }
     }
@@ -315,6 +327,7 @@ fn pick_kernel(path: &Path, mut found: Found) -> Result<KernelFiles> {
         vmlinuz: found.kernels.remove(&version).unwrap_or_default(),
         initrd: found.initrds.remove(&version).unwrap_or_default(),
         dtbs: found.dtbs.remove(&version).unwrap_or_default(),
+        extra: std::mem::take(&mut found.extra),
         version,
     })
 }

@@ -45,6 +45,7 @@ pub fn boot_env(plan: &NodePlan) -> String {
     let style = match spec.boot {
         BootStyle::Extlinux => "extlinux",
         BootStyle::RpiFirmware => "rpi-firmware",
+        BootStyle::SystemdBoot => "systemd-boot",
     };
     let vars = [
         ("KILN_BOOT_STYLE", style.to_string()),

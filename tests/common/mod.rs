@@ -31,6 +31,8 @@ pub struct Fixture {
     pub rk1_dtb: Vec<u8>,
     pub rpi5_dtb: Vec<u8>,
     pub rpi5_d_dtb: Vec<u8>,
+    /// Stands in for Debian's systemd-bootx64.efi (not a real EFI program).
+    pub efi_loader: Vec<u8>,
 }
 
 pub fn fixture() -> Fixture {
@@ -40,6 +42,7 @@ pub fn fixture() -> Fixture {
         rk1_dtb: bytes(3, 70_000),
         rpi5_dtb: bytes(4, 80_000),
         rpi5_d_dtb: bytes(5, 81_000),
+        efi_loader: [b"MZ".as_slice(), &bytes(6, 120_000)].concat(),
     }
 }
 
@@ -78,6 +81,9 @@ pub fn write_base_tar<W: Write>(w: W) {
         "./usr/lib/linux-image-6.12.0-kiln-test/",
         "./usr/lib/linux-image-6.12.0-kiln-test/rockchip/",
         "./usr/lib/linux-image-6.12.0-kiln-test/broadcom/",
+        "./usr/lib/systemd/",
+        "./usr/lib/systemd/boot/",
+        "./usr/lib/systemd/boot/efi/",
         "./var/",
         "./var/lib/",
         "./dev/",
@@ -109,6 +115,14 @@ pub fn write_base_tar<W: Write>(w: W) {
         0,
         0,
         &f.initrd,
+    );
+    file(
+        &mut b,
+        "./usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+        0o644,
+        0,
+        0,
+        &f.efi_loader,
     );
     // A base made by a careless bootstrapper: host keys and a machine ID that every node would
     // share. kiln must not carry them into any image.
@@ -406,4 +420,43 @@ pub fn real_base(ws: &Workspace, board: &str) -> String {
         .find(|w| w.ends_with(".tar.zst"))
         .unwrap_or_else(|| panic!("no base path in: {out}"))
         .to_string()
+}
+
+/// kiln.toml with its commented-out example nodes (`# [[node]]` blocks) uncommented, in a
+/// scratch directory beside copies of the boards and overlays: every board gets an example.
+pub fn inventory_with_examples() -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("kiln.toml")).unwrap();
+    let mut out = String::new();
+    let mut in_example = false;
+    for line in text.lines() {
+        if line == "# [[node]]" {
+            in_example = true;
+        } else if !line.starts_with("# ") || line.starts_with("# [[") {
+            in_example = false;
+        }
+        match line.strip_prefix("# ") {
+            Some(l) if in_example => out.push_str(l),
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kiln-examples-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kiln.toml"), out).unwrap();
+    let o = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(repo().join("overlays"))
+        .arg(repo().join("boards"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    dir
 }
