@@ -1220,16 +1220,8 @@ fn an_x86_uefi_worker_boots_under_ovmf_and_joins_an_rk1_server() {
     let bw = boot_workspace("boot-x86");
     // The example x86-1 agent, and rk1-1 the production cluster's only server (it starts the
     // cluster at once instead of waiting 120 s for peers this test does not boot).
-    let inv = std::fs::read_to_string(bw.ws.path("kiln.toml")).unwrap();
-    let start = inv
-        .find("# [[node]]")
-        .expect("the x86-1 example in kiln.toml");
-    let (head, example) = inv.split_at(start);
-    let example: String = example
-        .lines()
-        .map(|l| l.strip_prefix("# ").unwrap_or(l).to_string() + "\n")
-        .collect();
-    let mut inv = format!("{head}{example}");
+    let mut inv =
+        common::uncomment_examples(&std::fs::read_to_string(bw.ws.path("kiln.toml")).unwrap());
     // rk1-2 and rk1-3 become staging agents: not peers of rk1-1 any more.
     for (n, ip) in [("rk1-2", "12"), ("rk1-3", "13")] {
         let before = inv.clone();
@@ -1253,37 +1245,6 @@ fn an_x86_uefi_worker_boots_under_ovmf_and_joins_an_rk1_server() {
         t0.elapsed().as_secs_f64(),
         std::fs::metadata(&x86_img).unwrap().len() >> 20
     );
-    // The loader the firmware starts is a PE32+ x86-64 EFI program (file(1) says so).
-    let (_, parts) = sfdisk(&x86_img);
-    let efi = bw.ws.path("BOOTX64.EFI");
-    std::fs::write(
-        &efi,
-        mcopy(&x86_img, parts[0].start, "EFI/BOOT/BOOTX64.EFI"),
-    )
-    .unwrap();
-    let f = stdout(&run("file", &["-b", efi.to_str().unwrap()]));
-    assert!(
-        f.contains("PE32+") && f.contains("x86-64") && f.contains("EFI application"),
-        "{f}"
-    );
-    // The initramfs holds the storage and NIC drivers the board asks for.
-    let initrd = bw.ws.path("initrd.img");
-    std::fs::write(&initrd, mcopy(&x86_img, parts[0].start, "initrd.img")).unwrap();
-    let list = stdout(&run("lsinitramfs", &[initrd.to_str().unwrap()]));
-    for m in [
-        "nvme.ko",
-        "ahci.ko",
-        "virtio_blk.ko",
-        "e1000e.ko",
-        "igb.ko",
-        "r8169.ko",
-    ] {
-        assert!(
-            list.lines().any(|l| l.contains(&format!("/{m}"))),
-            "{m} not in the initramfs"
-        );
-    }
-
     let lan = Lan::new("x86");
     let _ntp = sntp(
         &lan.prefix().iter().map(String::as_str).collect::<Vec<_>>(),

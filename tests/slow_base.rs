@@ -320,4 +320,25 @@ fn real_bases_are_ready_for_the_real_boards() {
     );
     let dtb = mcopy(&img, boot, "bcm2712-d-rpi-5-b.dtb");
     assert_eq!(&dtb[..4], &[0xd0, 0x0d, 0xfe, 0xed], "D0 tree is not a DTB");
+
+    // x86-uefi (the commented-out x86-1 example): the amd64 base's storage and NIC drivers
+    // in the initramfs, Longhorn's prerequisites, and systemd-boot as a PE32+ x86-64 EFI
+    // program at the removable-media path.
+    let ws = ws.with_examples();
+    let base = real_base(&ws, "x86-uefi");
+    build_real(&ws, "x86-1", &base, &ub);
+    let img = ws.path("out/x86-1.img");
+    let (_, parts) = sfdisk(&img);
+    let (boot, root) = (parts[0].start, parts[1].start);
+    let ver = kernel_version(&img, root);
+    assert!(ver.ends_with("-amd64"), "x86 kernel {ver}");
+    check_initramfs(&ws, "x86-uefi", &mcopy(&img, boot, "initrd.img"));
+    check_longhorn(&img, root, &ver);
+    let efi = ws.path("BOOTX64.EFI");
+    std::fs::write(&efi, mcopy(&img, boot, "EFI/BOOT/BOOTX64.EFI")).unwrap();
+    let f = stdout(&run("file", &["-b", efi.to_str().unwrap()]));
+    assert!(
+        f.contains("PE32+") && f.contains("x86-64") && f.contains("EFI application"),
+        "EFI/BOOT/BOOTX64.EFI: {f}"
+    );
 }

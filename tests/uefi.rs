@@ -13,20 +13,8 @@ const ESP_GUID: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const ROOT_AMD64_GUID: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 
 /// A workspace whose inventory has the commented-out x86-1 example uncommented.
-pub fn x86_workspace(name: &str) -> Workspace {
-    let ws = Workspace::new(name);
-    let inv = std::fs::read_to_string(ws.path("kiln.toml")).unwrap();
-    let start = inv
-        .find("# [[node]]")
-        .expect("the x86-1 example in kiln.toml");
-    let (head, example) = inv.split_at(start);
-    let example: String = example
-        .lines()
-        .map(|l| l.strip_prefix("# ").unwrap_or(l).to_string() + "\n")
-        .collect();
-    assert!(example.contains("board = \"x86-uefi\""), "{example}");
-    std::fs::write(ws.path("kiln.toml"), format!("{head}{example}")).unwrap();
-    ws
+fn x86_workspace(name: &str) -> Workspace {
+    Workspace::new(name).with_examples()
 }
 
 fn mtype(img: &Path, fat_offset: u64, path: &str) -> String {
@@ -84,7 +72,7 @@ fn an_x86_image_boots_systemd_boot_from_the_esp_removable_path() {
     for l in [
         "linux /vmlinuz".to_string(),
         "initrd /initrd.img".to_string(),
-        format!("options root=PARTUUID={partuuid} rw rootwait console=ttyS0,115200n8 console=tty0"),
+        format!("options root=PARTUUID={partuuid} rw rootwait console=tty0 console=ttyS0,115200n8"),
     ] {
         assert!(entry.lines().any(|x| x == l), "no `{l}` in\n{entry}");
     }

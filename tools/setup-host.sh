@@ -5,7 +5,7 @@
 set -euo pipefail
 
 # Image writing and the independent checkers.
-PACKAGES=(e2fsprogs libarchive13 gdisk fdisk dosfstools mtools zstd xz-utils openssh-client dash bmap-tools curl python3 genimage time bc initramfs-tools-core device-tree-compiler openssl)
+PACKAGES=(e2fsprogs libarchive13 gdisk fdisk dosfstools mtools zstd xz-utils openssh-client dash bmap-tools curl python3 genimage time bc initramfs-tools-core device-tree-compiler openssl file)
 # Building bases (mmdebstrap + qemu-user) and booting images (qemu-system, U-Boot for QEMU,
 # a VDE switch for the multi-node boot tests).
 EMU_PACKAGES=(mmdebstrap arch-test qemu-user-static binfmt-support qemu-system-arm qemu-system-x86 ovmf u-boot-qemu vde2)

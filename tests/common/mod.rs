@@ -422,10 +422,9 @@ pub fn real_base(ws: &Workspace, board: &str) -> String {
         .to_string()
 }
 
-/// kiln.toml with its commented-out example nodes (`# [[node]]` blocks) uncommented, in a
-/// scratch directory beside copies of the boards and overlays: every board gets an example.
-pub fn inventory_with_examples() -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("kiln.toml")).unwrap();
+/// An inventory's text with its commented-out example nodes (`# [[node]]` blocks, e.g. the
+/// x86-1 worker) uncommented.
+pub fn uncomment_examples(text: &str) -> String {
     let mut out = String::new();
     let mut in_example = false;
     for line in text.lines() {
@@ -440,6 +439,27 @@ pub fn inventory_with_examples() -> PathBuf {
         }
         out.push('\n');
     }
+    out
+}
+
+impl Workspace {
+    /// Uncomments the example nodes of the workspace's kiln.toml (see [`uncomment_examples`]).
+    pub fn with_examples(self) -> Workspace {
+        let p = self.path("kiln.toml");
+        let text = uncomment_examples(&std::fs::read_to_string(&p).unwrap());
+        assert!(
+            text.contains("board = \"x86-uefi\""),
+            "no x86 example in kiln.toml"
+        );
+        std::fs::write(&p, text).unwrap();
+        self
+    }
+}
+
+/// kiln.toml with its commented-out example nodes (`# [[node]]` blocks) uncommented, in a
+/// scratch directory beside copies of the boards and overlays: every board gets an example.
+pub fn inventory_with_examples() -> PathBuf {
+    let out = uncomment_examples(&std::fs::read_to_string(repo().join("kiln.toml")).unwrap());
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("kiln-examples-{}-{n}", std::process::id()));
