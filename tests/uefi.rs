@@ -114,3 +114,88 @@ fn a_base_without_systemd_boot_fails_the_build_naming_the_package() {
     );
     assert!(!ws.path("out/x86-1.img").exists());
 }
+
+#[test]
+fn one_build_fetches_each_architectures_k3s_once_and_each_node_gets_its_own() {
+    use common::k3s::{Release, set_release, sha256, standin_binary, standin_images};
+    const V: &str = "v1.33.5%2Bk3s1";
+    // The release (a test double) serves both architectures, with different bytes.
+    let arm = (standin_binary(), standin_images());
+    let amd = (
+        [standin_binary(), b"# amd64\n".to_vec()].concat(),
+        [standin_images(), b"amd64".to_vec()].concat(),
+    );
+    let sums = |arch: &str, bin_name: &str, f: &(Vec<u8>, Vec<u8>)| {
+        format!(
+            "{}  {bin_name}\n{}  k3s-airgap-images-{arch}.tar.zst\n",
+            sha256(&f.0),
+            sha256(&f.1)
+        )
+        .into_bytes()
+    };
+    let rel = Release::serve(vec![
+        (format!("/{V}/k3s-arm64"), arm.0.clone()),
+        (
+            format!("/{V}/k3s-airgap-images-arm64.tar.zst"),
+            arm.1.clone(),
+        ),
+        (
+            format!("/{V}/sha256sum-arm64.txt"),
+            sums("arm64", "k3s-arm64", &arm),
+        ),
+        (format!("/{V}/k3s"), amd.0.clone()),
+        (
+            format!("/{V}/k3s-airgap-images-amd64.tar.zst"),
+            amd.1.clone(),
+        ),
+        (
+            format!("/{V}/sha256sum-amd64.txt"),
+            sums("amd64", "k3s", &amd),
+        ),
+    ]);
+    let ws = x86_workspace("uefi-release");
+    set_release(&ws.path("kiln.toml"), &rel.url);
+    let bases = make_bases(&ws.dir);
+    let (ub, _) = uboot(&ws, 100_000);
+    let o = ws.kiln(&[
+        "build",
+        "rk1-1",
+        "rk1-4",
+        "x86-1",
+        "--artifact",
+        &format!("base={}", bases.tar.display()),
+        "--artifact",
+        &format!("uboot={}", ub.display()),
+    ]);
+    assert_ok(&o, "build rk1-1 rk1-4 x86-1 from the release");
+    let hits = rel.hits();
+    for asset in [
+        "sha256sum-arm64.txt",
+        "k3s-arm64",
+        "k3s-airgap-images-arm64.tar.zst",
+        "sha256sum-amd64.txt",
+        "k3s",
+        "k3s-airgap-images-amd64.tar.zst",
+    ] {
+        let want = format!("/{V}/{asset}");
+        let n = hits.iter().filter(|h| h.path == want).count();
+        assert_eq!(n, 1, "{want} fetched {n} times");
+    }
+    for (node, arch, f) in [("rk1-1", "arm64", &arm), ("x86-1", "amd64", &amd)] {
+        let img = ws.path(&format!("out/{node}.img"));
+        let (_, parts) = sfdisk(&img);
+        let root = parts[1].start;
+        let bin = dump(&img, root, "/usr/local/bin/k3s", &ws.dir).unwrap();
+        assert_eq!(
+            sha256(&bin),
+            sha256(&f.0),
+            "{node}: k3s of the wrong architecture"
+        );
+        let images = format!("/var/lib/rancher/k3s/agent/images/k3s-airgap-images-{arch}.tar.zst");
+        assert_eq!(
+            sha256(&dump(&img, root, &images, &ws.dir).expect("airgap images")),
+            sha256(&f.1),
+            "{node}"
+        );
+    }
+}
