@@ -373,7 +373,7 @@ pub fn run() -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             };
             let c = find_cluster(&cfg.inventory, &cluster)?;
-            let ca = crate::secrets::ca::ClusterCa::load(&crate::secrets::ca_dir(c))?;
+            let ca = crate::secrets::ca::ClusterCa::load(&c.ca_dir())?;
             let server = crate::secrets::kubeconfig::api_servers(&cfg.inventory, &c.name, None)
                 .into_iter()
                 .next()

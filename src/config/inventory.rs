@@ -335,11 +335,6 @@ fn validate(
         let token_file = resolve(dir, c.token_file.get_ref());
         if check_tokens {
             check_token_file(src, &mut d, i, c, &token_file);
-            let ca = token_file
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(format!("{name}.ca"));
-            check_ca_dir(src, &mut d, i, c, &ca);
         }
         let api_server = c.api_server.as_ref().map(|u| {
             let s = u.get_ref().trim_end_matches('/').to_string();
@@ -355,12 +350,16 @@ fn validate(
             }
             s
         });
-        clusters.push(Cluster {
+        let cluster = Cluster {
             name: name.clone(),
             token_file,
             kubeconfig: c.kubeconfig.as_deref().map(|k| resolve(dir, k)),
             api_server,
-        });
+        };
+        if check_tokens {
+            check_ca_dir(src, &mut d, i, c, &cluster.ca_dir());
+        }
+        clusters.push(cluster);
     }
 
     let overlays_dir = dir.join("overlays");

@@ -278,7 +278,7 @@ pub fn plan_node(
         anyhow::anyhow!("node `{node_name}`: cluster `{}` not defined", node.cluster)
     })?;
     let token_file = cluster.token_file.clone();
-    let ca_dir = crate::secrets::ca_dir(cluster);
+    let ca_dir = cluster.ca_dir();
     let peers = peers_of(inv, node);
     Ok(NodePlan {
         node: node.clone(),

@@ -193,7 +193,7 @@ impl Run<'_> {
             .cfg
             .inventory
             .cluster(cluster)
-            .map(|c| crate::secrets::ca::ClusterCa::load(&crate::secrets::ca_dir(c)))
+            .map(|c| crate::secrets::ca::ClusterCa::load(&c.ca_dir()))
             .transpose()?;
         if let Some(ca @ crate::secrets::ca::ClusterCa::Full { .. }) = &ca {
             let server = crate::secrets::kubeconfig::api_servers(

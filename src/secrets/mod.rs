@@ -12,11 +12,6 @@ pub mod kubeconfig;
 
 use ca::ClusterCa;
 
-/// The directory holding a cluster's CAs: `<cluster>.ca/` beside its token file.
-pub fn ca_dir(c: &Cluster) -> PathBuf {
-    c.ca_dir()
-}
-
 /// What `kiln secrets init` did for one cluster.
 pub enum Created {
     New(PathBuf),
@@ -32,7 +27,7 @@ pub enum Created {
 pub fn init(inv: &Inventory) -> Result<Vec<Created>> {
     let mut out = Vec::new();
     for c in &inv.clusters {
-        let dir = ca_dir(c);
+        let dir = c.ca_dir();
         let token_exists = c.token_file.exists();
         let mut have_ca = dir.exists();
         if have_ca {
@@ -102,7 +97,7 @@ pub fn pin(c: &Cluster, source: PinSource) -> Result<Pinned> {
             ca::short(h)
         );
     }
-    let dir = ca_dir(c);
+    let dir = c.ca_dir();
     let exists = dir.exists();
     let made_ca = match (&source, exists) {
         (PinSource::Existing, true) => false,
@@ -159,7 +154,17 @@ fn pinned(hash: &str, secret: &str) -> String {
 /// Writes a token file 0600: new (`replace` false: never over an existing file) or replacing
 /// one atomically.
 fn write_token(p: &Path, token: &str, replace: bool) -> Result<()> {
-    if let Some(dir) = p.parent() {
+    write_private(p, format!("{token}\n").as_bytes(), replace)
+        .with_context(|| format!("writing token file {}", p.display()))
+}
+
+/// Writes a root-only file (0600 from its first byte) under a temporary name beside it and
+/// renames it into place: never over an existing file unless `replace`, and a failure leaves
+/// the old file (or none) and no temporary file.
+pub(crate) fn write_private(p: &Path, bytes: &[u8], replace: bool) -> Result<()> {
+    if let Some(dir) = p.parent()
+        && !dir.as_os_str().is_empty()
+    {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let name = p
@@ -174,10 +179,10 @@ fn write_token(p: &Path, token: &str, replace: bool) -> Result<()> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .with_context(|| format!("creating token file {}", tmp.display()))?;
-        writeln!(f, "{token}")
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
             .and_then(|_| f.sync_all())
-            .with_context(|| format!("writing token file {}", tmp.display()))?;
+            .with_context(|| format!("writing {}", tmp.display()))?;
         let flags = if replace {
             rustix::fs::RenameFlags::empty()
         } else {
@@ -185,7 +190,7 @@ fn write_token(p: &Path, token: &str, replace: bool) -> Result<()> {
         };
         rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, p, flags)
             .map_err(std::io::Error::from)
-            .with_context(|| format!("creating token file {}", p.display()))?;
+            .with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))?;
         Ok(())
     })();
     if result.is_err() {
