@@ -289,66 +289,16 @@ fn boot_workspace(name: &str) -> BootWs {
 /// cluster's server CA (a real joined server's k3s signs its own with the CA it takes from the
 /// datastore), naming every production address.
 fn sign_standin_serving_cert(ws: &Workspace) {
-    let ca = ws.path("secrets/production.ca");
+    let (crt, key) = serving_cert(
+        &ws.dir,
+        "serving",
+        Some(&ws.path("secrets/production.ca")),
+        "IP:192.168.100.11,IP:192.168.100.12,IP:192.168.100.13,IP:192.168.100.14",
+    );
     let d = ws.path("overlays/k3s-standin/usr/lib/k3s-standin");
     std::fs::create_dir_all(&d).unwrap();
-    let (key, req, crt, ext) = (
-        d.join("serving.key"),
-        ws.path("serving.req"),
-        d.join("serving.crt"),
-        ws.path("serving.ext"),
-    );
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:192.168.100.11,IP:192.168.100.12,IP:192.168.100.13,IP:192.168.100.14\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let p = |x: &Path| x.to_str().unwrap().to_string();
-    assert_ok(
-        &run(
-            "openssl",
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                "/CN=k3s",
-                "-keyout",
-                &p(&key),
-                "-out",
-                &p(&req),
-            ],
-        ),
-        "openssl req",
-    );
-    assert_ok(
-        &run(
-            "openssl",
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &p(&req),
-                "-CA",
-                &p(&ca.join("server-ca.pem")),
-                "-CAkey",
-                &p(&ca.join("server-ca.key")),
-                "-set_serial",
-                "7",
-                "-days",
-                "7",
-                "-extfile",
-                &p(&ext),
-                "-out",
-                &p(&crt),
-            ],
-        ),
-        "openssl x509 -req",
-    );
+    std::fs::copy(crt, d.join("serving.crt")).unwrap();
+    std::fs::copy(key, d.join("serving.key")).unwrap();
 }
 
 impl BootWs {
@@ -819,39 +769,12 @@ fn foreign_peer(lan: &Lan, bw: &BootWs, ip: &str) -> Helper {
     let d = bw.ws.path("foreign");
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join("ping"), "pong").unwrap();
-    let o = Command::new("openssl")
-        .current_dir(&d)
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=k3s",
-            "-days",
-            "7",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-addext",
-        ])
-        .arg(format!("subjectAltName=IP:{ip}"))
-        .output()
-        .unwrap();
-    assert_ok(&o, "openssl req (foreign peer)");
+    let (crt, key) = serving_cert(&d, "foreign", None, &format!("IP:{ip}"));
     let mut argv = lan.prefix();
-    argv.extend(
-        [
-            "openssl", "s_server", "-quiet", "-WWW", "-cert", "cert.pem", "-key", "key.pem",
-            "-accept",
-        ]
-        .map(String::from),
-    );
+    argv.extend(["openssl", "s_server", "-quiet", "-WWW", "-accept"].map(String::from));
     argv.push(format!("{ip}:6443"));
+    argv.extend(["-cert".into(), crt.display().to_string()]);
+    argv.extend(["-key".into(), key.display().to_string()]);
     let child = Command::new(&argv[0])
         .args(&argv[1..])
         .current_dir(&d)

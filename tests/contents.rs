@@ -7,7 +7,6 @@ mod common;
 use common::disk::*;
 use common::k3s::{Release, set_release, sha256, standin_binary, standin_images};
 use common::*;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const VERSION_PATH: &str = "v1.33.5%2Bk3s1";
@@ -16,16 +15,6 @@ const VERSION_PATH: &str = "v1.33.5%2Bk3s1";
 fn root_offset(img: &Path) -> u64 {
     let (_, parts) = sfdisk(img);
     parts[1].start
-}
-
-fn fat_bytes(img: &Path) -> Vec<u8> {
-    let (_, parts) = sfdisk(img);
-    let mut buf = vec![0u8; parts[0].size as usize];
-    std::fs::File::open(img)
-        .unwrap()
-        .read_exact_at(&mut buf, parts[0].start)
-        .unwrap();
-    buf
 }
 
 /// A workspace whose inventory downloads k3s from `release`.

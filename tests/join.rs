@@ -371,92 +371,6 @@ fn tls_peer(dir: &Path, cert: &Path, key: &Path) -> TlsPeer {
     TlsPeer(child, port)
 }
 
-/// A serving certificate for `san`, signed by `ca_dir`'s server CA, or self-signed.
-fn serving_cert(dir: &Path, name: &str, ca_dir: Option<&Path>, san: &str) -> (PathBuf, PathBuf) {
-    use common::{assert_ok, run};
-    let key = dir.join(format!("{name}.key"));
-    let crt = dir.join(format!("{name}.crt"));
-    let p = |x: &Path| x.to_str().unwrap().to_string();
-    let ext = dir.join(format!("{name}.ext"));
-    std::fs::write(&ext, format!("subjectAltName={san}\n")).unwrap();
-    match ca_dir {
-        Some(ca) => {
-            let req = dir.join(format!("{name}.req"));
-            assert_ok(
-                &run(
-                    "openssl",
-                    &[
-                        "req",
-                        "-new",
-                        "-newkey",
-                        "ec",
-                        "-pkeyopt",
-                        "ec_paramgen_curve:P-256",
-                        "-nodes",
-                        "-subj",
-                        "/CN=k3s",
-                        "-keyout",
-                        &p(&key),
-                        "-out",
-                        &p(&req),
-                    ],
-                ),
-                "openssl req",
-            );
-            assert_ok(
-                &run(
-                    "openssl",
-                    &[
-                        "x509",
-                        "-req",
-                        "-in",
-                        &p(&req),
-                        "-CA",
-                        &p(&ca.join("server-ca.pem")),
-                        "-CAkey",
-                        &p(&ca.join("server-ca.key")),
-                        "-set_serial",
-                        "9",
-                        "-days",
-                        "2",
-                        "-extfile",
-                        &p(&ext),
-                        "-out",
-                        &p(&crt),
-                    ],
-                ),
-                "openssl x509 -req",
-            );
-        }
-        None => assert_ok(
-            &run(
-                "openssl",
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-subj",
-                    "/CN=k3s",
-                    "-days",
-                    "2",
-                    "-keyout",
-                    &p(&key),
-                    "-out",
-                    &p(&crt),
-                    "-addext",
-                    &format!("subjectAltName={san}"),
-                ],
-            ),
-            "openssl req -x509",
-        ),
-    }
-    (crt, key)
-}
-
 /// Runs the real `kiln_probe` against 127.0.0.1:`port` with the cluster CA `ca`.
 fn probe(ca: &Path, port: u16) -> (i32, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("firstboot/kiln-join.sh");
@@ -499,7 +413,7 @@ fn the_real_probe_trusts_only_a_certificate_of_the_cluster_ca_naming_the_peer() 
         ("other-ip", Some(prod.clone()), "IP:192.168.100.99", 2),
     ];
     for (name, ca, san, want) in cases {
-        let (crt, key) = serving_cert(&d, name, ca.as_deref(), san);
+        let (crt, key) = common::serving_cert(&d, name, ca.as_deref(), san);
         let peer = tls_peer(&d, &crt, &key);
         let (code, err) = probe(&bundle, peer.1);
         assert_eq!(code, want, "{name}: {err}");

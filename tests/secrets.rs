@@ -339,18 +339,6 @@ fn a_token_that_pins_another_ca_stops_the_build_and_is_not_printed() {
     assert!(!ws.path("out/pi5-staging.img").exists());
 }
 
-/// Everything but the data area of an image's boot partition, as text for searching.
-fn fat_text(img: &Path) -> String {
-    let (_, parts) = sfdisk(img);
-    let mut buf = vec![0u8; parts[0].size as usize];
-    use std::os::unix::fs::FileExt;
-    std::fs::File::open(img)
-        .unwrap()
-        .read_exact_at(&mut buf, parts[0].start)
-        .unwrap();
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
 #[test]
 fn the_cluster_ca_goes_only_to_the_server_that_may_start_the_cluster() {
     let ws = ca_workspace("ca-image");
@@ -444,7 +432,7 @@ fn the_cluster_ca_goes_only_to_the_server_that_may_start_the_cluster() {
     let tok = token(&ws, "production");
     let secret = tok.rsplit(':').next().unwrap().to_string();
     for img in [ws.path("out/rk1-1.img"), ws.path("out/pi5-staging.img")] {
-        let fat = fat_text(&img);
+        let fat = String::from_utf8_lossy(&fat_bytes(&img)).into_owned();
         assert!(
             !fat.contains("PRIVATE KEY") && !fat.contains("BEGIN CERTIFICATE"),
             "{}",

@@ -139,3 +139,15 @@ pub fn link_target(img: &Path, offset: u64, path: &str) -> String {
         .trim_matches('"')
         .to_string()
 }
+
+/// The bytes of an image's first partition (the boot partition), read directly.
+pub fn fat_bytes(img: &Path) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let (_, parts) = sfdisk(img);
+    let mut buf = vec![0u8; parts[0].size as usize];
+    std::fs::File::open(img)
+        .unwrap()
+        .read_exact_at(&mut buf, parts[0].start)
+        .unwrap();
+    buf
+}

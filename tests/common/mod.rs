@@ -480,3 +480,99 @@ pub fn inventory_with_examples() -> PathBuf {
     );
     dir
 }
+
+/// A TLS server certificate (EC P-256, CN k3s, serverAuth) for `san`, made by openssl in
+/// `dir` as `<name>.crt`/`<name>.key`: signed by `ca_dir`'s server CA (as k3s signs its
+/// serving certificate), or self-signed (a host that is not of the cluster).
+pub fn serving_cert(
+    dir: &Path,
+    name: &str,
+    ca_dir: Option<&Path>,
+    san: &str,
+) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let crt = dir.join(format!("{name}.crt"));
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    match ca_dir {
+        Some(ca) => {
+            let req = dir.join(format!("{name}.req"));
+            assert_ok(
+                &run(
+                    "openssl",
+                    &[
+                        "req",
+                        "-new",
+                        "-newkey",
+                        "ec",
+                        "-pkeyopt",
+                        "ec_paramgen_curve:P-256",
+                        "-nodes",
+                        "-subj",
+                        "/CN=k3s",
+                        "-keyout",
+                        &p(&key),
+                        "-out",
+                        &p(&req),
+                    ],
+                ),
+                "openssl req",
+            );
+            assert_ok(
+                &run(
+                    "openssl",
+                    &[
+                        "x509",
+                        "-req",
+                        "-in",
+                        &p(&req),
+                        "-CA",
+                        &p(&ca.join("server-ca.pem")),
+                        "-CAkey",
+                        &p(&ca.join("server-ca.key")),
+                        "-set_serial",
+                        "9",
+                        "-days",
+                        "2",
+                        "-extfile",
+                        &p(&ext),
+                        "-out",
+                        &p(&crt),
+                    ],
+                ),
+                "openssl x509 -req",
+            );
+        }
+        None => assert_ok(
+            &run(
+                "openssl",
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-subj",
+                    "/CN=k3s",
+                    "-days",
+                    "2",
+                    "-keyout",
+                    &p(&key),
+                    "-out",
+                    &p(&crt),
+                    "-addext",
+                    &format!("subjectAltName={san}"),
+                ],
+            ),
+            "openssl req -x509",
+        ),
+    }
+    (crt, key)
+}
