@@ -221,7 +221,11 @@ fn run_locked(req: &Request) -> Result<Outcome> {
                     let r = match inputs {
                         Ok(inp) => image_node(p, inp, staging.dir()).and_then(|r| {
                             crate::cleanup::checkpoint("image")?;
-                            let published = publish::publish_image(&r.path, &formats)?;
+                            let mut published = publish::publish_image(&r.path, &formats)?;
+                            if let Some(l) = &r.loader_image {
+                                published.loader_image =
+                                    Some(Box::new(publish::publish_image(&l.path, &formats)?));
+                            }
                             crate::cleanup::checkpoint("publish")?;
                             Ok((r, published))
                         }),
@@ -277,11 +281,10 @@ fn run_locked(req: &Request) -> Result<Outcome> {
     // Paths as they will be once the set is in place (the manifest records them).
     for (r, published) in &mut done {
         r.path = staging.final_path(&r.path);
-        published.raw.path = staging.final_path(&published.raw.path);
-        for (_, c) in &mut published.compressed {
-            c.path = staging.final_path(&c.path);
+        if let Some(l) = &mut r.loader_image {
+            l.path = staging.final_path(&l.path);
         }
-        published.bmap = staging.final_path(&published.bmap);
+        published.relocate(&|p| staging.final_path(p));
     }
     let (built, published): (Vec<_>, Vec<_>) = done.into_iter().unzip();
     outcome.built = built;
@@ -314,6 +317,18 @@ fn run_locked(req: &Request) -> Result<Outcome> {
             },
             r.seconds
         ));
+        if let Some(l) = &r.loader_image {
+            crate::progress::result(format!(
+                "{}: {} {}: the loader alone, for its {} (`kiln flash {}` writes it; {} goes on the {} with `kiln write`)",
+                r.node,
+                l.path.display(),
+                human(l.size),
+                l.target,
+                r.node,
+                r.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                r.identity.target,
+            ));
+        }
         if let Some(a) = r.identity.firmware_advice() {
             crate::progress::result(a);
         }
@@ -408,6 +423,10 @@ fn write_index(
     for p in &o.published {
         files.push(&p.raw);
         files.extend(p.compressed.iter().map(|(_, c)| c));
+        if let Some(l) = &p.loader_image {
+            files.push(&l.raw);
+            files.extend(l.compressed.iter().map(|(_, c)| c));
+        }
     }
     publish::write_sums(staging.dir(), &files)?;
     let inv = &req.cfg.inventory;
@@ -438,11 +457,16 @@ fn write_index(
             .zip(&o.published)
             .map(|(r, p)| NodeOutput {
                 identity: r.identity.clone(),
-                files: std::iter::once(p.raw.clone())
-                    .chain(p.compressed.iter().map(|(_, c)| c.clone()))
-                    .collect(),
+                files: p.files(),
                 bmap: p.bmap.clone(),
                 mapped_bytes: p.mapped_bytes,
+                loader_image: r.loader_image.as_ref().zip(p.loader_image.as_deref()).map(
+                    |(l, lp)| publish::LoaderImageOutput {
+                        target: l.target.clone(),
+                        files: lp.files(),
+                        bmap: lp.bmap.clone(),
+                    },
+                ),
             })
             .collect(),
     };

@@ -222,6 +222,10 @@ pub struct TargetSpec {
     /// Extra config.txt lines for this device (rpi-firmware boards).
     #[serde(default)]
     pub config: Vec<String>,
+    /// The target that holds the board's loader blobs when this one cannot (the RK1's boot ROM
+    /// reads no NVMe, so U-Boot stays on the eMMC). This target's image then carries no
+    /// loader, and each node gets a second, loader-only image `<node>.<loader_on>.img`.
+    pub loader_on: Option<String>,
 }
 
 /// A board revision that needs different boot files (`[variant.NAME]`); a node picks one with
@@ -640,6 +644,11 @@ pub const RULES: &[Rule] = &[
         id: "eeprom-needs-tool",
         what: "a target with eeprom settings has an eeprom_tool to set them",
         check: eeprom_needs_tool,
+    },
+    Rule {
+        id: "target-loader-on",
+        what: "a target's loader_on names another target that holds the loader itself, on a board with loader blobs",
+        check: target_loader_on,
     },
     Rule {
         id: "target-config-rpi-only",
@@ -1380,6 +1389,35 @@ fn eeprom_needs_tool(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
                 cx.key_span(&format!("[target.{name}]")),
                 format!("target.{name}.eeprom"),
                 "firmware settings need `eeprom_tool` (the command users run to set them)",
+            ));
+        }
+    }
+}
+
+/// A loader-only image goes to a device that keeps the loader and nothing bootable: it must be
+/// another target, not itself sent elsewhere, and there must be a loader to put there.
+fn target_loader_on(cx: &Ctx, b: &BoardFile, d: &mut Vec<Diagnostic>) {
+    for (name, t) in &b.targets {
+        let Some(on) = &t.loader_on else { continue };
+        let problem = match b.targets.get(on) {
+            _ if on == name => Some(format!("`{on}` is this target itself; expected another [target.*] that keeps the loader")),
+            None => Some(format!(
+                "`{on}` is not a [target.*] of this board; expected one of: {}",
+                b.targets.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+            )),
+            Some(o) if o.loader_on.is_some() => Some(format!(
+                "target `{on}` sends its own loader elsewhere; expected a target that keeps the loader"
+            )),
+            Some(_) if b.blobs.is_empty() => Some(
+                "the board has no [[blob]]; expected loader_on only on boards whose loader lives outside the system's disk".to_string(),
+            ),
+            Some(_) => None,
+        };
+        if let Some(p) = problem {
+            d.push(cx.diag(
+                cx.key_span(&format!("[target.{name}]")),
+                format!("target.{name}.loader_on"),
+                p,
             ));
         }
     }

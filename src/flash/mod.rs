@@ -69,11 +69,7 @@ pub fn run_flash(inventory: &Path, boards: &Path, args: &FlashRequest) -> Result
     let cfg = config::load(inventory, boards, false)?;
     let node = lookup(&cfg, &args.node)?;
     let slot = slot_of(&cfg, node)?;
-    let image = args
-        .image
-        .clone()
-        .unwrap_or_else(|| args.out.join(format!("{}.img", node.name)));
-    check_image(&cfg, node, &image, args.force)?;
+    let image = image_to_flash(&cfg, node, args)?;
     let xz = xz::ensure(&image)?;
     let bmc = connect(&cfg, &args.bmc)?;
     flash(&bmc, &cfg, node, slot, &xz, &args.bmc)?;
@@ -105,6 +101,55 @@ pub(crate) fn lookup<'a>(cfg: &'a Config, name: &str) -> Result<&'a Node> {
     })
 }
 
+/// The target whose loader-only image the BMC writes for a node whose own target it cannot
+/// write (the RK1 on NVMe), if the node has one.
+pub(crate) fn loader_on(cfg: &Config, node: &Node) -> Option<String> {
+    cfg.board_of(node)
+        .and_then(|b| b.spec.targets.get(&node.target))
+        .and_then(|t| t.loader_on.clone())
+}
+
+/// What `kiln flash` sends, checked: the node's image, or for a node whose system is on a drive
+/// the BMC cannot write, its loader-only image, checked against the system image beside it
+/// (whose identity says whose loader it is and how fresh).
+fn image_to_flash(cfg: &Config, node: &Node, args: &FlashRequest) -> Result<PathBuf> {
+    let Some(target) = loader_on(cfg, node) else {
+        let image = args
+            .image
+            .clone()
+            .unwrap_or_else(|| args.out.join(format!("{}.img", node.name)));
+        check_image(cfg, node, &image, args.force)?;
+        return Ok(image);
+    };
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| args.out.join(format!("{}.{target}.img", node.name)));
+    let system = image.with_file_name(format!("{}.img", node.name));
+    check_image(cfg, node, &system, args.force).with_context(|| {
+        format!(
+            "{}'s system is on its {} and the BMC writes only the loader ({}); the system image {} beside it says whose loader that is",
+            node.name,
+            node.target,
+            image.display(),
+            system.display()
+        )
+    })?;
+    let id = crate::image::inspect::identity(&system)?;
+    let info = crate::image::inspect::inspect_loader_image(&image, &id)?;
+    if let Some(p) = info.problem() {
+        bail!("{p}; expected the {target} image of the same build as {}", system.display());
+    }
+    crate::progress::note(format!(
+        "{}: flashing {} (the loader alone) to its {target}; its system {} goes on the {} (kiln write)",
+        node.name,
+        image.display(),
+        system.display(),
+        node.target
+    ));
+    Ok(image)
+}
+
 /// The BMC slot of a node, refusing nodes the BMC cannot flash.
 pub(crate) fn slot_of(cfg: &Config, node: &Node) -> Result<u8> {
     let Some(slot) = node.slot else {
@@ -113,9 +158,11 @@ pub(crate) fn slot_of(cfg: &Config, node: &Node) -> Result<u8> {
             node.name
         );
     };
-    let bmc_writes = cfg
-        .board_of(node)
-        .and_then(|b| b.spec.targets.get(&node.target))
+    // A node whose target cannot hold the loader has it flashed to the target that does.
+    let board = cfg.board_of(node);
+    let flashed = loader_on(cfg, node).unwrap_or_else(|| node.target.clone());
+    let bmc_writes = board
+        .and_then(|b| b.spec.targets.get(&flashed))
         .is_some_and(|t| t.bmc_flash);
     if !bmc_writes {
         bail!(

@@ -48,6 +48,22 @@ pub struct ImageInfo {
     /// What does not add up: partitions past the end of the file or overlapping, a damaged
     /// table or boot filesystem. The image is read as untrusted; these never stop inspect.
     pub warnings: Vec<String>,
+    /// The files this node's build made and where each goes: the system image, and for a
+    /// target that cannot hold the loader, the loader-only image beside it.
+    pub artifacts: Vec<ArtifactInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ArtifactInfo {
+    pub file: String,
+    /// The board target it is written to.
+    pub target: String,
+    /// `system` or `loader`.
+    pub kind: &'static str,
+    /// How it gets there.
+    pub how: &'static str,
+    /// Whether the file is beside the inspected one.
+    pub present: bool,
 }
 
 /// A boot loader in the image: its bytes as they are now, and where the build took them from.
@@ -296,6 +312,11 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
     let mut mbr = [0u8; 512];
     file.read_exact_at(&mut mbr, 0)
         .with_context(|| format!("{} is too small to hold a partition table", path.display()))?;
+    if mbr[510..512] != [0x55, 0xaa]
+        && let Some(info) = as_loader_image(path, size)?
+    {
+        return Ok(info);
+    }
     if mbr[510..512] != [0x55, 0xaa] {
         return Err(anyhow!(
             "{}: no partition table (no 0x55AA signature in sector 0); expected a kiln image",
@@ -396,26 +417,42 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
         }
     }
     // Measured from the image, so a loader written over afterwards shows, not only the record.
+    // A node whose loader lives on another device has it measured from that device's image.
     let first = partitions.iter().map(|p| p.start).min().unwrap_or(size);
-    let loaders = identity
-        .as_ref()
-        .map(|id: &Identity| id.loaders.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|r| {
-            let m = crate::fetch::loader::measure(&file, r.offset, first).ok();
-            LoaderInfo {
-                artifact: r.artifact.clone(),
-                offset: r.offset,
-                matches_record: m
-                    .as_ref()
-                    .is_some_and(|(n, sha)| *n == r.size && *sha == r.sha256),
-                size: m.as_ref().map(|(n, _)| *n),
-                sha256: m.map(|(_, sha)| sha),
-                recorded: r,
+    let artifacts = identity.as_ref().map_or_else(Vec::new, |id| artifacts(path, id));
+    let loaders = match identity.as_ref() {
+        Some(id) if id.loader_on.is_some() => {
+            match artifacts.iter().find(|a| a.kind == "loader" && a.present) {
+                Some(a) => inspect_loader_image(&path.with_file_name(&a.file), id)?.loaders,
+                None => {
+                    warnings.push(format!(
+                        "the loader is not in this image but in {}, which is not beside it",
+                        id.loader_image_name().unwrap_or_default()
+                    ));
+                    Vec::new()
+                }
             }
-        })
-        .collect();
+        }
+        _ => identity
+            .as_ref()
+            .map(|id: &Identity| id.loaders.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| {
+                let m = crate::fetch::loader::measure(&file, r.offset, first).ok();
+                LoaderInfo {
+                    artifact: r.artifact.clone(),
+                    offset: r.offset,
+                    matches_record: m
+                        .as_ref()
+                        .is_some_and(|(n, sha)| *n == r.size && *sha == r.sha256),
+                    size: m.as_ref().map(|(n, _)| *n),
+                    sha256: m.map(|(_, sha)| sha),
+                    recorded: r,
+                }
+            })
+            .collect(),
+    };
     Ok(ImageInfo {
         image: path.display().to_string(),
         size,
@@ -426,6 +463,147 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
         identity,
         loaders,
         warnings,
+        artifacts,
+    })
+}
+
+/// The files a node's build made, from its identity: the system image, and the loader-only
+/// image when its target cannot hold the loader.
+fn artifacts(path: &Path, id: &Identity) -> Vec<ArtifactInfo> {
+    let present = |f: &str| path.with_file_name(f).is_file();
+    let system = format!("{}.img", id.node);
+    let mut v = vec![ArtifactInfo {
+        present: present(&system),
+        file: system,
+        target: id.target.clone(),
+        kind: "system",
+        how: if id.loader_on.is_some() || id.slot.is_none() {
+            "kiln write"
+        } else {
+            "kiln flash (BMC) or kiln write"
+        },
+    }];
+    if let (Some(on), Some(name)) = (&id.loader_on, id.loader_image_name()) {
+        v.push(ArtifactInfo {
+            present: present(&name),
+            file: name,
+            target: on.clone(),
+            kind: "loader",
+            how: "kiln flash (BMC)",
+        });
+    }
+    v
+}
+
+/// `path` read as a loader-only image: a file without a partition table named
+/// `<node>.<target>.img` beside a system image `<node>.img` whose build made it.
+fn as_loader_image(path: &Path, size: u64) -> Result<Option<ImageInfo>> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(None);
+    };
+    let Some((node, target)) = name
+        .strip_suffix(".img")
+        .and_then(|s| s.rsplit_once('.'))
+    else {
+        return Ok(None);
+    };
+    let system = path.with_file_name(format!("{node}.img"));
+    let Ok(id) = identity(&system) else {
+        return Ok(None);
+    };
+    if id.loader_on.as_deref() != Some(target) {
+        return Ok(None);
+    }
+    let l = inspect_loader_image(path, &id)?;
+    let mut warnings = Vec::new();
+    warnings.extend(l.problem());
+    Ok(Some(ImageInfo {
+        image: path.display().to_string(),
+        size,
+        table: "none".into(),
+        disk_id: String::new(),
+        partitions: Vec::new(),
+        boot_files: Vec::new(),
+        artifacts: artifacts(path, &id),
+        identity: Some(id),
+        loaders: l.loaders,
+        warnings,
+    }))
+}
+
+/// A loader-only image (`<node>.<target>.img`, boards with `loader_on`) read against the
+/// identity of the node's system image: it must hold exactly the loaders that build recorded,
+/// and nothing before them (no partition table, so nothing bootable).
+#[derive(Debug, Serialize)]
+pub struct LoaderImageInfo {
+    pub image: String,
+    pub size: u64,
+    pub loaders: Vec<LoaderInfo>,
+    /// Non-zero bytes before the first loader (a partition table, or another file).
+    pub leading_data: bool,
+}
+
+impl LoaderImageInfo {
+    /// Why this is not the loader image `id`'s build made, if it is not.
+    pub fn problem(&self) -> Option<String> {
+        if self.leading_data {
+            return Some(format!(
+                "{} has data before the loader (a partition table?); expected zeros, so that nothing on that device is bootable",
+                self.image
+            ));
+        }
+        if self.loaders.is_empty() {
+            return Some(format!(
+                "{}: its system image records no loader",
+                self.image
+            ));
+        }
+        self.loaders.iter().find(|l| !l.matches_record).map(|l| {
+            format!(
+                "{}: the {} at byte {} is {} bytes with sha256 {}; the system image's build recorded {} bytes with sha256 {} (a loader image from another build?)",
+                self.image,
+                l.artifact,
+                l.offset,
+                l.size.map_or("unreadable".into(), |n| n.to_string()),
+                l.sha256.as_deref().unwrap_or("?"),
+                l.recorded.size,
+                l.recorded.sha256
+            )
+        })
+    }
+}
+
+/// Reads a loader-only image; `id` is the identity of the system image it belongs with.
+pub fn inspect_loader_image(path: &Path, id: &Identity) -> Result<LoaderImageInfo> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+        .with_context(|| format!("reading the size of {}", path.display()))?;
+    let first = id.loaders.iter().map(|l| l.offset).min().unwrap_or(size);
+    let mut lead = vec![0u8; usize::try_from(first.min(size)).unwrap_or(0).min(1 << 20)];
+    file.read_exact_at(&mut lead, 0)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let loaders = id
+        .loaders
+        .iter()
+        .map(|r| {
+            let m = crate::fetch::loader::measure(&file, r.offset, size).ok();
+            LoaderInfo {
+                artifact: r.artifact.clone(),
+                offset: r.offset,
+                matches_record: m
+                    .as_ref()
+                    .is_some_and(|(n, sha)| *n == r.size && *sha == r.sha256),
+                size: m.as_ref().map(|(n, _)| *n),
+                sha256: m.map(|(_, sha)| sha),
+                recorded: r.clone(),
+            }
+        })
+        .collect();
+    Ok(LoaderImageInfo {
+        image: path.display().to_string(),
+        size,
+        loaders,
+        leading_data: lead.iter().any(|b| *b != 0),
     })
 }
 
@@ -484,6 +662,25 @@ pub fn render_text(info: &ImageInfo) -> String {
                 .map(|v| format!(", board variant {v}"))
                 .unwrap_or_default()
         ));
+        if info.table == "none" {
+            s.push_str(&format!(
+                "this is the loader alone, for its {}: no partition table, nothing bootable\n",
+                id.loader_on.as_deref().unwrap_or("?")
+            ));
+        }
+        if info.artifacts.len() > 1 {
+            s.push_str("its build made:\n");
+            for a in &info.artifacts {
+                s.push_str(&format!(
+                    "  {:24} the {:6} -> its {} ({}){}\n",
+                    a.file,
+                    a.kind,
+                    a.target,
+                    a.how,
+                    if a.present { "" } else { "; not beside this file" }
+                ));
+            }
+        }
         if !id.firmware_settings.is_empty() {
             s.push_str(&format!(
                 "needs these one-time firmware settings: {}\n",

@@ -40,6 +40,20 @@ pub struct ImageReport {
     pub k3s_version: String,
     pub seconds: f64,
     pub identity: Identity,
+    /// The loader-only image for another device, when the node's target cannot hold the
+    /// loader (board `loader_on`).
+    pub loader_image: Option<LoaderImage>,
+}
+
+/// `<node>.<target>.img`: the board's loader blobs at their offsets and zeros everywhere else,
+/// up to where the board's first partition would start. No partition table: a loader scanning
+/// this device finds nothing to boot on it and goes on to the next device.
+#[derive(Debug, Clone)]
+pub struct LoaderImage {
+    /// The target it is for (`[target.NAME]`, e.g. the RK1's eMMC).
+    pub target: String,
+    pub path: PathBuf,
+    pub size: u64,
 }
 
 /// The resolved inputs of a node: files on disk, fetched or built by the earlier stages, and
@@ -224,11 +238,19 @@ pub fn build_node(
     pb.finish_and_clear();
 
     // 5. Loader blobs and the partition table last, so an interrupted write never looks bootable.
-    for (b, placed) in blobs.iter().zip(&layout.blobs) {
-        out.file()
-            .write_all_at(&b.data, placed.offset)
-            .with_context(|| format!("writing {} at byte {}", b.artifact, placed.offset))?;
-    }
+    // A target that cannot hold the loader gets it in an image of its own instead.
+    let loader_image = match plan.loader_on() {
+        Some(target) => Some(write_loader_image(
+            target,
+            &out_dir.join(format!("{node}.{target}.img")),
+            blobs,
+            &layout,
+        )?),
+        None => {
+            write_blobs(out.file(), blobs, &layout)?;
+            None
+        }
+    };
     table::write(out.file(), &layout, &plan.ids)?;
     sparse::punch_zeros(out.file(), 0, layout.disk_size)?;
 
@@ -243,5 +265,42 @@ pub fn build_node(
         k3s_version: inputs.k3s.version.clone(),
         identity: identity.clone(),
         seconds: started.elapsed().as_secs_f64(),
+        loader_image,
+    })
+}
+
+fn write_blobs(file: &std::fs::File, blobs: &[BlobData], layout: &layout::Layout) -> Result<()> {
+    for (b, placed) in blobs.iter().zip(&layout.blobs) {
+        file.write_all_at(&b.data, placed.offset)
+            .with_context(|| format!("writing {} at byte {}", b.artifact, placed.offset))?;
+    }
+    Ok(())
+}
+
+/// The loader-only image: as long as the board's loader area (up to its first partition), so
+/// the BMC writes a few MiB. It starts with zeros: no MBR signature and no GPT, so neither
+/// U-Boot (part_test_efi wants a protective MBR) nor Linux sees the partition table an earlier
+/// system left further down the device, and U-Boot's scan goes on to the next boot target.
+fn write_loader_image(
+    target: &str,
+    dest: &Path,
+    blobs: &[BlobData],
+    layout: &layout::Layout,
+) -> Result<LoaderImage> {
+    let size = layout
+        .partitions
+        .first()
+        .map_or(layout.disk_size, |p| p.start);
+    let mut out = AtomicFile::create(dest)?;
+    out.file()
+        .set_len(size)
+        .with_context(|| format!("sizing {}", out.path().display()))?;
+    write_blobs(out.file(), blobs, layout)?;
+    sparse::punch_zeros(out.file(), 0, size)?;
+    let path = out.commit()?;
+    Ok(LoaderImage {
+        target: target.to_string(),
+        path,
+        size,
     })
 }

@@ -137,6 +137,11 @@ impl NodePlan {
         self.board.spec.targets.get(&self.node.target)
     }
 
+    /// The target holding this node's loader blobs when its own image cannot (`loader_on`).
+    pub fn loader_on(&self) -> Option<&str> {
+        self.target().and_then(|t| t.loader_on.as_deref())
+    }
+
     /// The node's board revision, if it names one (validated to exist).
     pub fn variant(&self) -> Option<&VariantSpec> {
         self.node

@@ -100,6 +100,29 @@ pub struct Published {
     pub bmap: PathBuf,
     /// Bytes in mapped blocks: what a bmap copy writes.
     pub mapped_bytes: u64,
+    /// The node's loader-only image, published the same way (boards with `loader_on`).
+    pub loader_image: Option<Box<Published>>,
+}
+
+impl Published {
+    /// The raw image and its compressed copies.
+    pub fn files(&self) -> Vec<FileSum> {
+        std::iter::once(self.raw.clone())
+            .chain(self.compressed.iter().map(|(_, c)| c.clone()))
+            .collect()
+    }
+
+    /// Moves every path (staging directory to output directory).
+    pub fn relocate(&mut self, to: &dyn Fn(&Path) -> PathBuf) {
+        self.raw.path = to(&self.raw.path);
+        for (_, c) in &mut self.compressed {
+            c.path = to(&c.path);
+        }
+        self.bmap = to(&self.bmap);
+        if let Some(l) = &mut self.loader_image {
+            l.relocate(to);
+        }
+    }
 }
 
 /// A writer that hashes and counts what passes through it.
@@ -316,6 +339,7 @@ pub fn publish_image(img: &Path, formats: &[Format]) -> Result<Published> {
         compressed,
         bmap: bmap_path,
         mapped_bytes,
+        loader_image: None,
     })
 }
 
@@ -368,6 +392,17 @@ pub struct NodeOutput {
     pub files: Vec<FileSum>,
     pub bmap: PathBuf,
     pub mapped_bytes: u64,
+    /// The loader-only image for another device (`<node>.<target>.img`), if the node has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loader_image: Option<LoaderImageOutput>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoaderImageOutput {
+    /// The board target it is written to (the RK1's `emmc`).
+    pub target: String,
+    pub files: Vec<FileSum>,
+    pub bmap: PathBuf,
 }
 
 pub fn write_manifest(out_dir: &Path, m: &Manifest) -> Result<PathBuf> {

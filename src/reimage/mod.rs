@@ -106,6 +106,17 @@ pub fn run(inventory: &Path, boards: &Path, cache: Cache, args: &ReimageRequest)
     let cfg = config::load(inventory, boards, building)?;
     let node = flash::lookup(&cfg, &args.node)?;
     let slot = flash::slot_of(&cfg, node)?;
+    // The BMC writes only this node's loader: flashing it would power-cycle the node into the
+    // old system (or none) after its Node and etcd member were deleted.
+    if let Some(on) = flash::loader_on(&cfg, node) {
+        bail!(
+            "node `{}` runs from its {}, which the BMC cannot write (it writes only the {on}); expected a node on its {on}: reimage it by writing a `kiln build {} --rejoin` image to the drive with `kiln write` (after `kubectl delete node {}`)",
+            node.name,
+            node.target,
+            node.name,
+            node.name
+        );
+    }
     let mut r = Run {
         cfg: &cfg,
         node,

@@ -50,9 +50,20 @@ pub struct Identity {
     /// Boot loaders written at fixed offsets (the RK1's U-Boot): file, form, sha256.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loaders: Vec<LoaderRecord>,
+    /// The target whose loader-only image (`<node>.<loader_on>.img`) holds `loaders` when this
+    /// image cannot (the RK1 on NVMe: U-Boot stays on the eMMC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader_on: Option<String>,
 }
 
 impl Identity {
+    /// File name of the loader-only image beside this image, if the node has one.
+    pub fn loader_image_name(&self) -> Option<String> {
+        self.loader_on
+            .as_ref()
+            .map(|t| format!("{}.{t}.img", self.node))
+    }
+
     /// What the user must set once on the board before this image boots from its target, or
     /// `None` when nothing is needed.
     pub fn firmware_advice(&self) -> Option<String> {
@@ -112,5 +123,6 @@ pub fn of(plan: &NodePlan, r: Resolved) -> Result<Identity> {
         k3s_version: r.k3s_version.to_string(),
         plan_sha256: crate::plan::hash::of_plan(plan)?,
         loaders: r.loaders,
+        loader_on: plan.loader_on().map(str::to_string),
     })
 }

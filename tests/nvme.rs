@@ -1,0 +1,289 @@
+//! A node whose system is on a drive the BMC cannot write (the RK1 on NVMe, board `loader_on`):
+//! one build makes the system image without the loader and a loader-only image for the eMMC;
+//! `kiln flash` sends the loader image to a fake BMC (a test double on 127.0.0.1), `kiln
+//! reimage` refuses; and the loader image written over an old eMMC system leaves nothing that
+//! Linux's partition readers (libblkid: blkid, partx; sfdisk) take for a partition table.
+//! The loader is stand-in test data with the Rockchip `RKNS` magic, not U-Boot. Booting the
+//! pair under QEMU's U-Boot is in tests/boot.rs.
+
+mod common_bmc;
+
+use common_bmc::bmc::{FakeBmc, Mode};
+use common_bmc::fixture::{Workspace, sha256_file, stderr, stdout};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+const LOADER_AT: u64 = 32 * 1024;
+/// The test board's first partition: the end of its loader area.
+const FIRST_PARTITION: u64 = 1 << 20;
+
+/// The test board with a loader at 32 KiB and an `nvme` target that keeps it on the eMMC.
+const LOADER_AND_NVME: &str = r#"
+[[blob]]
+artifact = "uboot"
+offset = "32KiB"
+loader = "rockchip"
+
+[[artifact]]
+name = "uboot"
+description = "test loader"
+source = "test data with the RKNS magic"
+
+[target.nvme]
+description = "test NVMe drive; the loader stays on the eMMC"
+loader_on = "emmc"
+"#;
+
+/// Stand-in loader: `RKNS`, pseudo-random bytes, a non-zero last byte.
+fn loader(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut d: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    d[..4].copy_from_slice(b"RKNS");
+    *d.last_mut().unwrap() |= 1;
+    d
+}
+
+/// A workspace whose node n2 runs from NVMe; returns it with the loader's bytes.
+fn nvme_ws(name: &str, bmc: Option<&FakeBmc>, ip_base: u8) -> (Workspace, Vec<u8>) {
+    let host = bmc.map(|b| b.addr.to_string());
+    let ws = Workspace::new(
+        name,
+        bmc.map(|b| (host.as_deref().unwrap(), Some(b.cert.sha256_colons.as_str()))),
+        None,
+        ip_base,
+    );
+    let board = ws.path("boards/tiny.toml");
+    let text = std::fs::read_to_string(&board).unwrap() + LOADER_AND_NVME;
+    std::fs::write(&board, text).unwrap();
+    let inv = ws.path("kiln.toml");
+    let text = std::fs::read_to_string(&inv)
+        .unwrap()
+        .replace("name = \"n2\"\n", "name = \"n2\"\ntarget = \"nvme\"\n");
+    std::fs::write(&inv, text).unwrap();
+    let data = loader(7, 200_000);
+    std::fs::write(ws.path("uboot.bin"), &data).unwrap();
+    (ws, data)
+}
+
+fn build(ws: &Workspace, nodes: &[&str], uboot: &str) -> std::process::Output {
+    let mut args = vec!["build".to_string()];
+    args.extend(nodes.iter().map(|s| s.to_string()));
+    args.extend(ws.artifact_args());
+    args.extend(["--artifact".into(), format!("uboot={uboot}")]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ws.kiln(&refs)
+}
+
+fn read_at(p: &Path, at: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    std::fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    b
+}
+
+fn tool(prog: &str, args: &[&str]) -> std::process::Output {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"))
+}
+
+#[test]
+fn a_node_on_nvme_gets_a_system_image_without_loader_and_a_loader_only_image() {
+    let (ws, data) = nvme_ws("nvme-build", None, 31);
+    let o = build(&ws, &["n1", "n2"], "uboot.bin");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (sys, emmc) = (ws.path("out/n2.img"), ws.path("out/n2.emmc.img"));
+    assert!(
+        stdout(&o).contains("n2.emmc.img") && stdout(&o).contains("the loader alone"),
+        "the summary names the loader image: {}",
+        stdout(&o)
+    );
+
+    // The system image: a valid GPT, and nothing of the loader in it.
+    let v = tool("sgdisk", &["-v", sys.to_str().unwrap()]);
+    assert!(stdout(&v).contains("No problems found"), "{}", stdout(&v));
+    let area = read_at(&sys, LOADER_AT, (FIRST_PARTITION - LOADER_AT) as usize);
+    assert!(
+        area.iter().all(|b| *b == 0),
+        "the NVMe image must not carry the loader"
+    );
+    // n1 (on the eMMC) still has its loader in its own image, and no loader image.
+    assert_eq!(
+        read_at(&ws.path("out/n1.img"), LOADER_AT, data.len()),
+        data
+    );
+    assert!(!ws.path("out/n1.emmc.img").exists());
+
+    // The loader image: the loader area, the loader at 32 KiB, zeros elsewhere.
+    let len = std::fs::metadata(&emmc).unwrap().len();
+    assert_eq!(len, FIRST_PARTITION, "loader image is the board's loader area");
+    let all = std::fs::read(&emmc).unwrap();
+    assert!(all[..LOADER_AT as usize].iter().all(|b| *b == 0));
+    let end = LOADER_AT as usize + data.len();
+    assert!(all[LOADER_AT as usize..end] == data[..], "loader differs");
+    assert!(all[end..].iter().all(|b| *b == 0));
+    // No partition table for any reader.
+    let s = tool("sfdisk", &["-d", emmc.to_str().unwrap()]);
+    assert!(!s.status.success(), "sfdisk found a table: {}", stdout(&s));
+    let b = tool("blkid", &["-p", emmc.to_str().unwrap()]);
+    assert_eq!(b.status.code(), Some(2), "blkid found: {}", stdout(&b));
+
+    // Published like the system image: in SHA256SUMS and the manifest.
+    let sums = std::fs::read_to_string(ws.path("out/SHA256SUMS")).unwrap();
+    assert!(
+        sums.contains(&format!("{}  n2.emmc.img", sha256_file(&emmc))),
+        "{sums}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path("out/kiln-manifest.json")).unwrap())
+            .unwrap();
+    let n2 = m["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["identity"]["node"] == "n2")
+        .unwrap();
+    assert_eq!(n2["loader_image"]["target"], "emmc");
+    assert_eq!(n2["identity"]["loader_on"], "emmc");
+    assert!(
+        n2["loader_image"]["files"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("n2.emmc.img")
+    );
+
+    // inspect shows both files and where each goes, from either one.
+    for f in ["out/n2.img", "out/n2.emmc.img"] {
+        let i = ws.kiln(&["inspect", f]);
+        assert!(i.status.success(), "inspect {f}: {}", stderr(&i));
+        let t = stdout(&i);
+        assert!(
+            t.contains("n2.img") && t.contains("the system -> its nvme (kiln write)"),
+            "{f}: {t}"
+        );
+        assert!(
+            t.contains("n2.emmc.img") && t.contains("the loader -> its emmc (kiln flash (BMC))"),
+            "{f}: {t}"
+        );
+        assert!(
+            t.contains("loader uboot at byte 32768") && !t.contains("DIFFERS"),
+            "{f}: {t}"
+        );
+    }
+    let i = stdout(&ws.kiln(&["inspect", "out/n2.emmc.img"]));
+    assert!(i.contains("this is the loader alone"), "{i}");
+}
+
+#[test]
+fn flash_sends_the_loader_image_and_refuses_one_from_another_build() {
+    let bmc = FakeBmc::start(Mode::Normal);
+    let (ws, _) = nvme_ws("nvme-flash", Some(&bmc), 32);
+    let o = build(&ws, &["n2"], "uboot.bin");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let emmc = ws.path("out/n2.emmc.img");
+
+    let out = ws.kiln(&["flash", "n2", "--no-power-on"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ups = bmc.uploads();
+    assert_eq!(ups.len(), 1);
+    assert_eq!(
+        ups[0].written_sha256.as_deref(),
+        Some(sha256_file(&emmc).as_str()),
+        "the eMMC gets the loader image byte for byte"
+    );
+    let reqs: Vec<_> = bmc
+        .requests()
+        .into_iter()
+        .filter(|r| r.param("type") == Some("flash") && r.param("opt") == Some("set"))
+        .collect();
+    assert_eq!(reqs[0].param("file"), Some("n2.emmc.img.xz"));
+
+    // A loader image from another build (another loader) is refused before the BMC is asked.
+    let other = loader(8, 150_000);
+    std::fs::write(ws.path("other.bin"), other).unwrap();
+    let o = build(&ws, &["n2"], "other.bin");
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::copy(ws.path("out/n2.img"), ws.path("new-n2.img")).unwrap();
+    // The first build's system image with the second build's loader image.
+    let o = build(&ws, &["n2"], "uboot.bin");
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::copy(ws.path("new-n2.img"), ws.path("out/n2.img")).unwrap();
+    let out = ws.kiln(&["flash", "n2", "--no-power-on"]);
+    assert!(!out.status.success(), "a mismatched pair was flashed");
+    assert!(
+        stderr(&out).contains("a loader image from another build?"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(bmc.uploads().len(), 1, "nothing more reached the BMC");
+
+    // A loader image with a partition table in front is refused too.
+    std::fs::copy(ws.path("new-n2.img"), ws.path("out/n2.emmc.img")).unwrap();
+    let out = ws.kiln(&["flash", "n2", "--no-power-on"]);
+    assert!(
+        stderr(&out).contains("has data before the loader"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn reimage_refuses_a_node_on_nvme() {
+    let (ws, _) = nvme_ws("nvme-reimage", None, 33);
+    let out = ws.kiln(&["reimage", "n2"]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("runs from its nvme, which the BMC cannot write") && e.contains("kiln write"),
+        "{e}"
+    );
+}
+
+/// What the BMC does to an eMMC that held a whole system: writes the loader image from byte 0
+/// and leaves the rest. The old GPT's backup copy at the end survives, but with no protective
+/// MBR neither Linux (block/partitions/efi.c) nor U-Boot (disk/part_efi.c, part_test_efi)
+/// reads a GPT, and there is no MBR signature either.
+#[test]
+fn a_loader_image_written_over_an_old_system_leaves_no_partition_table() {
+    let (ws, _) = nvme_ws("nvme-stale", None, 34);
+    let o = build(&ws, &["n1", "n2"], "uboot.bin");
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The old eMMC: n1's whole system, on a device bigger than the image.
+    let disk = ws.path("emmc.disk");
+    std::fs::copy(ws.path("out/n1.img"), &disk).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.set_len(std::fs::metadata(&disk).unwrap().len() + (64 << 20))
+        .unwrap();
+    drop(f);
+    let before = tool("partx", &["--show", disk.to_str().unwrap()]);
+    assert!(before.status.success(), "the old system has partitions");
+    let dd = tool(
+        "dd",
+        &[
+            &format!("if={}", ws.path("out/n2.emmc.img").display()),
+            &format!("of={}", disk.display()),
+            "bs=1M",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    assert!(dd.status.success());
+    let d = disk.to_str().unwrap();
+    let p = tool("partx", &["--show", d]);
+    assert!(!p.status.success(), "partx: {}", stdout(&p));
+    let s = tool("sfdisk", &["-d", d]);
+    assert!(!s.status.success(), "sfdisk: {}", stdout(&s));
+    let b = tool("blkid", &["-p", d]);
+    assert_eq!(b.status.code(), Some(2), "blkid: {}", stdout(&b));
+}
