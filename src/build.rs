@@ -325,7 +325,10 @@ fn run_locked(req: &Request) -> Result<Outcome> {
                 human(l.size),
                 l.target,
                 r.node,
-                r.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                r.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default(),
                 r.identity.target,
             ));
         }

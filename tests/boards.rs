@@ -257,6 +257,17 @@ fn the_bmc_flashes_only_targets_it_can_write() {
         "name = \"rk1-3\"\ntarget = \"nvme\"",
     );
     assert_ok(&ws.kiln(&["check"]), "check with an NVMe RK1");
+    // The RK1's NVMe keeps its loader on the eMMC (`loader_on`): the BMC flashes that, and
+    // only with the system image of the same build beside it.
+    let o = ws.kiln_env(&["flash", "rk1-3"], &[("KILN_BMC_PASSWORD", "x")]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("rk1-3.img") && err.contains("kiln build rk1-3"),
+        "{err}"
+    );
+    // A target the BMC cannot write and that keeps no loader elsewhere is refused outright.
+    edit(&ws, "boards/rk1.toml", "loader_on = \"emmc\"", "");
     let o = ws.kiln_env(&["flash", "rk1-3"], &[("KILN_BMC_PASSWORD", "x")]);
     assert!(!o.status.success());
     let err = stderr(&o);

@@ -10,6 +10,7 @@
 mod common;
 
 use common::disk::*;
+use common::k3s::sha256;
 use common::*;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -1219,4 +1220,199 @@ fn an_x86_uefi_worker_boots_under_ovmf_and_joins_an_rk1_server() {
         "no LoaderInfo variable: not started by systemd-boot"
     );
     assert!(lines[4].ends_with("ssh_host_ed25519_key"));
+}
+
+/// Moves `node` to its NVMe drive in the inventory (`target = "nvme"`).
+fn on_nvme(bw: &BootWs, node: &str) {
+    let inv = std::fs::read_to_string(bw.ws.path("kiln.toml")).unwrap();
+    let from = format!("name = \"{node}\"\n");
+    let moved = inv.replacen(&from, &format!("{from}target = \"nvme\"\n"), 1);
+    assert_ne!(inv, moved);
+    std::fs::write(bw.ws.path("kiln.toml"), moved).unwrap();
+}
+
+/// An RK1 with an eMMC (virtio, scanned by QEMU's U-Boot before NVMe) and an NVMe drive.
+fn rk1_emmc_nvme(bw: &BootWs, what: &str, emmc: &Path, nvme: &Path, ssh: u16, api: u16) -> Vm {
+    let mut args = vec![
+        "-smp".to_string(),
+        "2".into(),
+        "-bios".into(),
+        UBOOT_QEMU.into(),
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw", emmc.display()),
+        "-drive".into(),
+        format!("file={},if=none,id=nvme0,format=raw", nvme.display()),
+        "-device".into(),
+        "nvme,drive=nvme0,serial=kiln-nvme".into(),
+    ];
+    args.extend(user_net("192.168.100.11", ssh, api, 0x11));
+    Vm::start(what, &bw.ws.path("rk1-1-nvme.console"), &args)
+}
+
+/// `kiln flash --install` (made here with --prepare; the flash itself is tests/nvme.rs's and
+/// tests/flash.rs's): the eMMC gets the installer image. First boot with a drive that holds a
+/// filesystem: the installer refuses, powers off, and changes neither drive. With an empty
+/// drive: it writes the system, reads it back against the image's sha256, erases its own
+/// partition table and reboots; the host then finds `<node>.img` on the drive byte for byte and
+/// no partition table on the eMMC; the next boot runs the system from NVMe.
+#[test]
+#[ignore = "slow tier: boots real images under QEMU (make test)"]
+fn an_rk1_installs_itself_onto_its_nvme_drive_and_boots_from_it() {
+    let bw = boot_workspace("boot-install");
+    let _ntp = sntp(&[], "127.0.0.1");
+    on_nvme(&bw, "rk1-1");
+    let img = bw.build("rk1-1", "out", &[]);
+    let o = bw.ws.kiln(&["flash", "rk1-1", "--install", "--prepare"]);
+    assert_ok(&o, "kiln flash --install --prepare");
+    let inst = bw.ws.path("out/rk1-1.install.img");
+    let (img_len, inst_len) = (
+        std::fs::metadata(&img).unwrap().len(),
+        std::fs::metadata(&inst).unwrap().len(),
+    );
+    let du = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    };
+    eprintln!(
+        "rk1-1.install.img: {inst_len} bytes ({} allocated); rk1-1.img: {img_len} bytes ({} allocated)",
+        du(&inst),
+        du(&img)
+    );
+    let emmc = bw.disk(&inst, "emmc");
+    let nvme = bw.ws.path("nvme.disk");
+    let blank = |p: &Path| {
+        let _ = std::fs::remove_file(p);
+        let f = std::fs::File::create(p).unwrap();
+        f.set_len(DISK).unwrap();
+    };
+    let head = |p: &Path, n: u64| -> Vec<u8> {
+        use std::io::Read;
+        let mut b = vec![0u8; n as usize];
+        std::fs::File::open(p).unwrap().read_exact(&mut b).unwrap();
+        b
+    };
+    let (ssh, api) = (free_port(), free_port());
+
+    // 1. A drive with a filesystem on it: refused, nothing changed.
+    blank(&nvme);
+    assert_ok(
+        &run(
+            "mkfs.ext4",
+            &["-q", "-F", "-L", "foreign", nvme.to_str().unwrap()],
+        ),
+        "mkfs.ext4",
+    );
+    let foreign = sha256(&head(&nvme, 4 << 20));
+    let table = head(&emmc, 34 * 512);
+    let vm = rk1_emmc_nvme(&bw, "rk1-1 (installer, full drive)", &emmc, &nvme, ssh, api);
+    must(
+        &[&vm],
+        vm.wait_for(
+            "kiln-install: FAILED: /dev/nvme0n1 is not empty",
+            LOGIN_WAIT,
+        ),
+    );
+    must(&[&vm], vm.wait_exit(Duration::from_secs(120)));
+    drop(vm);
+    assert_eq!(
+        sha256(&head(&nvme, 4 << 20)),
+        foreign,
+        "the full drive was written"
+    );
+    assert!(
+        head(&emmc, 34 * 512) == table,
+        "the eMMC changed after a refusal"
+    );
+
+    // 2. An empty drive: installed, verified, the installer erased, rebooted.
+    blank(&nvme);
+    let vm = rk1_emmc_nvme(&bw, "rk1-1 (installer)", &emmc, &nvme, ssh, api);
+    let t = must(
+        &[&vm],
+        vm.wait_for(
+            "kiln-install: installed; rebooting",
+            Duration::from_secs(1500),
+        ),
+    );
+    must(&[&vm], vm.wait_exit(Duration::from_secs(120)));
+    eprintln!("installer: done at {:.0} s", t.as_secs_f64());
+    let log = vm.log();
+    assert!(
+        log.contains("/dev/nvme0n1 verified: sha256"),
+        "{}",
+        vm.tail(30)
+    );
+    drop(vm);
+    let o = run(
+        "sh",
+        &[
+            "-c",
+            &format!("head -c {img_len} {} | sha256sum", nvme.display()),
+        ],
+    );
+    assert_eq!(
+        stdout(&o).split_whitespace().next().unwrap(),
+        stdout(&run("sha256sum", &[img.to_str().unwrap()]))
+            .split_whitespace()
+            .next()
+            .unwrap(),
+        "the NVMe drive does not hold rk1-1.img byte for byte"
+    );
+    let s = run("sfdisk", &["-d", emmc.to_str().unwrap()]);
+    assert!(
+        !s.status.success(),
+        "the eMMC still has a table: {}",
+        stdout(&s)
+    );
+    let loader = std::fs::read(bw.ws.path("out/rk1-1.emmc.img")).unwrap();
+    assert!(
+        head(&emmc, loader.len() as u64)[32768..] == loader[32768..],
+        "the loader on the eMMC changed"
+    );
+
+    // 3. The next power-on runs the system from the drive. The eMMC is now what the BMC
+    // leaves when it flashes the loader image over an old system: zeros, the loader, and the
+    // old partitions (the same filesystem UUIDs as the drive's) with no table in front. QEMU's
+    // U-Boot (boot_targets "qfw usb0 scsi0 virtio0 nvme0 dhcp": NVMe after the eMMC stand-in,
+    // as in mainline's RK3588 order) must find nothing on it and boot the drive.
+    let vm = rk1_emmc_nvme(&bw, "rk1-1 (installed)", &emmc, &nvme, ssh, api);
+    let t = must(&[&vm], vm.wait_for("rk1-1 login:", LOGIN_WAIT));
+    let t_k3s = must(
+        &[&vm],
+        vm.wait_for("K3S-STANDIN: server node-name=rk1-1", FIRSTBOOT_WAIT),
+    );
+    eprintln!(
+        "rk1-1 from NVMe: login {:.0} s, k3s {:.0} s",
+        t.as_secs_f64(),
+        t_k3s.as_secs_f64()
+    );
+    let log = vm.log();
+    let uboot = &log[..log.find("Starting kernel").unwrap_or(log.len())];
+    assert!(
+        uboot.contains("No partition table - virtio 0") && uboot.contains("Scanning nvme 0:1"),
+        "U-Boot did not pass over the eMMC to NVMe:\n{uboot}"
+    );
+    let vms = [&vm];
+    let root = must(&vms, bw.ssh(ssh, "findmnt -n -o SOURCE /"));
+    assert_eq!(
+        root.trim(),
+        "/dev/nvme0n1p2",
+        "root is not the NVMe partition"
+    );
+    let boot = must(&vms, bw.ssh(ssh, "findmnt -n -o SOURCE /boot/firmware"));
+    assert_eq!(
+        boot.trim(),
+        "/dev/nvme0n1p1",
+        "boot partition not from NVMe"
+    );
+    let parts = must(&vms, bw.ssh(ssh, "lsblk -n -o NAME -r /dev/vda"));
+    assert_eq!(parts.trim(), "vda", "the eMMC shows partitions: {parts}");
+    // Grown to the drive, k3s stand-in running, reachable: as on the eMMC.
+    check_node(&bw, &vm, ssh, api, "rk1-1", "192.168.100.11");
+    assert!(
+        vm.log()
+            .contains("partition 2 grown to the end of /dev/nvme0n1"),
+        "first boot did not grow the NVMe root:\n{}",
+        vm.tail(40)
+    );
 }

@@ -56,7 +56,12 @@ fn nvme_ws(name: &str, bmc: Option<&FakeBmc>, ip_base: u8) -> (Workspace, Vec<u8
     let host = bmc.map(|b| b.addr.to_string());
     let ws = Workspace::new(
         name,
-        bmc.map(|b| (host.as_deref().unwrap(), Some(b.cert.sha256_colons.as_str()))),
+        bmc.map(|b| {
+            (
+                host.as_deref().unwrap(),
+                Some(b.cert.sha256_colons.as_str()),
+            )
+        }),
         None,
         ip_base,
     );
@@ -119,15 +124,15 @@ fn a_node_on_nvme_gets_a_system_image_without_loader_and_a_loader_only_image() {
         "the NVMe image must not carry the loader"
     );
     // n1 (on the eMMC) still has its loader in its own image, and no loader image.
-    assert_eq!(
-        read_at(&ws.path("out/n1.img"), LOADER_AT, data.len()),
-        data
-    );
+    assert_eq!(read_at(&ws.path("out/n1.img"), LOADER_AT, data.len()), data);
     assert!(!ws.path("out/n1.emmc.img").exists());
 
     // The loader image: the loader area, the loader at 32 KiB, zeros elsewhere.
     let len = std::fs::metadata(&emmc).unwrap().len();
-    assert_eq!(len, FIRST_PARTITION, "loader image is the board's loader area");
+    assert_eq!(
+        len, FIRST_PARTITION,
+        "loader image is the board's loader area"
+    );
     let all = std::fs::read(&emmc).unwrap();
     assert!(all[..LOADER_AT as usize].iter().all(|b| *b == 0));
     let end = LOADER_AT as usize + data.len();
@@ -286,4 +291,185 @@ fn a_loader_image_written_over_an_old_system_leaves_no_partition_table() {
     assert!(!s.status.success(), "sfdisk: {}", stdout(&s));
     let b = tool("blkid", &["-p", d]);
     assert_eq!(b.status.code(), Some(2), "blkid: {}", stdout(&b));
+}
+
+fn mcopy(img: &Path, offset: u64, path: &str) -> Vec<u8> {
+    let o = tool(
+        "mcopy",
+        &[
+            "-n",
+            "-i",
+            &format!("{}@@{offset}", img.display()),
+            &format!("::{path}"),
+            "-",
+        ],
+    );
+    assert!(o.status.success(), "mcopy {path}: {}", stderr(&o));
+    o.stdout
+}
+
+/// `sfdisk --json` partitions: (start bytes, size bytes, name, uuid, attrs).
+fn partitions(img: &Path) -> Vec<(u64, u64, String, String, String)> {
+    let o = tool("sfdisk", &["--json", img.to_str().unwrap()]);
+    assert!(o.status.success(), "sfdisk: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let s = |k: &str| p[k].as_str().unwrap_or("").to_string();
+            (
+                p["start"].as_u64().unwrap() * 512,
+                p["size"].as_u64().unwrap() * 512,
+                s("name"),
+                s("uuid").to_lowercase(),
+                s("attrs"),
+            )
+        })
+        .collect()
+}
+
+/// `kiln flash --install --prepare` makes the installer image from the build's two images
+/// without a BMC; checked with sfdisk, sgdisk, fsck.fat and mtools.
+#[test]
+fn the_install_image_carries_the_system_the_loader_and_a_bootable_installer() {
+    let (ws, data) = nvme_ws("nvme-install", None, 35);
+    let o = build(&ws, &["n1", "n2"], "uboot.bin");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ws.kiln(&["flash", "n2", "--install", "--prepare"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (sys, inst) = (ws.path("out/n2.img"), ws.path("out/n2.install.img"));
+    assert!(stdout(&o).contains("n2.install.img"), "{}", stdout(&o));
+
+    let v = tool("sgdisk", &["-v", inst.to_str().unwrap()]);
+    assert!(stdout(&v).contains("No problems found"), "{}", stdout(&v));
+    let sp = partitions(&sys);
+    let ip = partitions(&inst);
+    assert_eq!(ip.len(), 3, "{ip:?}");
+    for i in 0..2 {
+        assert_eq!(
+            (ip[i].0, ip[i].1),
+            (sp[i].0, sp[i].1),
+            "partition {} moved",
+            i + 1
+        );
+        assert_ne!(
+            ip[i].3,
+            sp[i].3,
+            "partition {} keeps the system's GUID",
+            i + 1
+        );
+        assert!(!ip[i].4.contains("LegacyBIOSBootable"), "{:?}", ip[i]);
+    }
+    assert_eq!(ip[2].2, "kiln-install");
+    assert!(ip[2].4.contains("LegacyBIOSBootable"), "{:?}", ip[2]);
+    assert_eq!(
+        ip[2].0,
+        sp[1].0 + sp[1].1,
+        "installer right after the system"
+    );
+
+    // The system's partitions byte for byte, and the loader at 32 KiB.
+    let (first, end) = (sp[0].0, sp[1].0 + sp[1].1);
+    let a = read_at(&sys, first, (end - first) as usize);
+    let b = read_at(&inst, first, (end - first) as usize);
+    let diff = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert!(
+        diff.is_none(),
+        "the system's partitions differ in the install image from byte {:?}",
+        diff.map(|d| d as u64 + first)
+    );
+    assert_eq!(read_at(&inst, LOADER_AT, data.len()), data);
+
+    // The installer partition: a clean FAT with the boot chain and what the script needs.
+    let fsck = tool(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "dd if={} bs=1M skip={} count={} status=none of={0}.fat && fsck.fat -n {0}.fat",
+                inst.display(),
+                ip[2].0 >> 20,
+                ip[2].1 >> 20
+            ),
+        ],
+    );
+    assert!(fsck.status.success(), "fsck.fat: {}", stdout(&fsck));
+    let conf = String::from_utf8(mcopy(&inst, ip[2].0, "extlinux/extlinux.conf")).unwrap();
+    let append = conf
+        .lines()
+        .find(|l| l.trim_start().starts_with("append "))
+        .unwrap();
+    assert!(
+        append.contains(&format!("root=PARTUUID={}", ip[1].3))
+            && append.contains(" ro ")
+            && !append.contains(" rw")
+            && append.ends_with("init=/usr/lib/kiln/kiln-install"),
+        "{conf}"
+    );
+    assert_eq!(
+        mcopy(&inst, ip[2].0, "vmlinuz"),
+        mcopy(&sys, sp[0].0, "vmlinuz")
+    );
+    let env = String::from_utf8(mcopy(&inst, ip[2].0, "kiln/install.env")).unwrap();
+    let sys_len = std::fs::metadata(&sys).unwrap().len();
+    for want in [
+        format!("KILN_SYSTEM_SHA256={}", sha256_file(&sys)),
+        format!("KILN_SYSTEM_BYTES={sys_len}"),
+        format!("KILN_FIRST={first}"),
+        format!("KILN_END={end}"),
+        format!(
+            "KILN_INSTALL_BYTES={}",
+            std::fs::metadata(&inst).unwrap().len()
+        ),
+        "KILN_OVERWRITE=0".to_string(),
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} not in:\n{env}");
+    }
+    assert_eq!(
+        mcopy(&inst, ip[2].0, "kiln/gpt-primary.bin"),
+        read_at(&sys, 0, 34 * 512)
+    );
+    assert_eq!(
+        mcopy(&inst, ip[2].0, "kiln/gpt-backup.bin"),
+        read_at(&sys, sys_len - 33 * 512, 33 * 512)
+    );
+    // The script it boots is in the system's root (run from there, read-only).
+    let cat = tool(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "dd if={} bs=1M skip={} count={} status=none of={0}.root && debugfs -R 'stat /usr/lib/kiln/kiln-install' {0}.root",
+                sys.display(),
+                sp[1].0 >> 20,
+                sp[1].1 >> 20
+            ),
+        ],
+    );
+    assert!(
+        stdout(&cat).contains("Mode:  0755"),
+        "kiln-install not in the root: {}{}",
+        stdout(&cat),
+        stderr(&cat)
+    );
+
+    // --overwrite-nvme reaches the installer; --install is only for such nodes.
+    let o = ws.kiln(&["flash", "n2", "--install", "--overwrite-nvme", "--prepare"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let env = String::from_utf8(mcopy(&inst, ip[2].0, "kiln/install.env")).unwrap();
+    assert!(env.contains("KILN_OVERWRITE=1\n"), "{env}");
+    let o = ws.kiln(&["flash", "n1", "--install", "--prepare"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("flash without --install"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ws.kiln(&["flash", "n2", "--overwrite-nvme", "--prepare"]);
+    assert!(
+        !o.status.success(),
+        "--overwrite-nvme alone must be refused"
+    );
 }

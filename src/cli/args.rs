@@ -18,13 +18,27 @@ BMC's flash status and refuse while another transfer runs (a new request would m
 drop it); request the flash with the upload's length and sha256; stream the .xz (the BMC \
 decompresses and writes it, then reads it back), showing phase and bytes; power the node on; \
 with --wait, wait until it answers on its address. Ctrl-C cancels kiln's own transfer, never \
-another client's. A node whose flash failed is never powered on.")]
+another client's. A node whose flash failed is never powered on.\n\nA node whose system is on a drive the BMC cannot write (an RK1 with target = \"nvme\") gets OUT/<node>.emmc.img, the loader alone: write OUT/<node>.img to the drive with `kiln write`. Or pass --install: the eMMC then also gets a one-shot installer that copies the system onto the drive, checks it against the image's sha256, erases itself and reboots into the drive.")]
 pub struct FlashArgs {
     /// Node to flash; it needs a `slot` in the inventory.
     pub node: String,
-    /// Raw image to flash [default: OUT/<node>.img].
+    /// Raw image to flash [default: OUT/<node>.img, or OUT/<node>.emmc.img for a node whose
+    /// system is on a drive the BMC cannot write].
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// For a node whose system is on a drive the BMC cannot write (the RK1 on NVMe): flash an
+    /// eMMC image that installs the system onto that drive on first power-on, checks it and
+    /// reboots into it (OUT/<node>.install.img, made from the two images of the build).
+    #[arg(long)]
+    pub install: bool,
+    /// With --install: let the installer write over a drive that is not empty (by default it
+    /// refuses, powers the node off and leaves the drive as it was).
+    #[arg(long, requires = "install")]
+    pub overwrite_nvme: bool,
+    /// Make and check the raw image that would be flashed, print its path and stop without
+    /// contacting the BMC: for `tpi flash` or the BMC's web page.
+    #[arg(long, conflicts_with_all = ["wait", "no_power_on"])]
+    pub prepare: bool,
     /// Directory holding `<node>.img` (as written by `kiln build`).
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
@@ -147,6 +161,9 @@ impl From<FlashArgs> for FlashRequest {
         FlashRequest {
             node: a.node,
             image: a.image,
+            install: a.install,
+            overwrite_nvme: a.overwrite_nvme,
+            prepare: a.prepare,
             out: a.out,
             force: a.force,
             no_power_on: a.no_power_on,

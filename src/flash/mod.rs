@@ -2,6 +2,7 @@
 //! the BMC client, its progress phases, the .xz it takes, and the wait for the node to answer.
 
 pub mod bmc;
+pub mod install;
 pub mod phase;
 pub mod wait;
 pub mod xz;
@@ -21,8 +22,14 @@ use std::time::{Duration, Instant};
 pub struct FlashRequest {
     /// Node to flash; it needs a `slot` in the inventory.
     pub node: String,
-    /// Raw image to flash [default: OUT/<node>.img].
+    /// Raw image to flash [default: OUT/<node>.img, or its loader image].
     pub image: Option<PathBuf>,
+    /// Flash the installer of a system on a drive the BMC cannot write (`install`).
+    pub install: bool,
+    /// The installer may write over a drive that is not empty.
+    pub overwrite_nvme: bool,
+    /// Stop before the BMC: make and check the image and its .xz only.
+    pub prepare: bool,
     /// Directory holding `<node>.img` (as written by `kiln build`).
     pub out: PathBuf,
     /// Flash even if what went into the image (the node's plan in the inventory, the board
@@ -70,6 +77,14 @@ pub fn run_flash(inventory: &Path, boards: &Path, args: &FlashRequest) -> Result
     let node = lookup(&cfg, &args.node)?;
     let slot = slot_of(&cfg, node)?;
     let image = image_to_flash(&cfg, node, args)?;
+    if args.prepare {
+        crate::progress::result(format!(
+            "{}: checked and ready for slot {slot}: {} (`tpi flash -n {slot} -i` takes it as it is; `kiln flash` without --prepare sends it as .xz)",
+            node.name,
+            image.display(),
+        ));
+        return Ok(());
+    }
     let xz = xz::ensure(&image)?;
     let bmc = connect(&cfg, &args.bmc)?;
     flash(&bmc, &cfg, node, slot, &xz, &args.bmc)?;
@@ -114,6 +129,13 @@ pub(crate) fn loader_on(cfg: &Config, node: &Node) -> Option<String> {
 /// (whose identity says whose loader it is and how fresh).
 fn image_to_flash(cfg: &Config, node: &Node, args: &FlashRequest) -> Result<PathBuf> {
     let Some(target) = loader_on(cfg, node) else {
+        if args.install {
+            bail!(
+                "--install is for a node whose system is on a drive the BMC cannot write; `{}` boots from its {}, which the BMC writes itself: flash without --install",
+                node.name,
+                node.target
+            );
+        }
         let image = args
             .image
             .clone()
@@ -126,6 +148,15 @@ fn image_to_flash(cfg: &Config, node: &Node, args: &FlashRequest) -> Result<Path
         .clone()
         .unwrap_or_else(|| args.out.join(format!("{}.{target}.img", node.name)));
     let system = image.with_file_name(format!("{}.img", node.name));
+    if !system.is_file() {
+        bail!(
+            "{} not found: {}'s system is on its {} and the BMC writes only its loader, checked against the system image of the same build; expected both: run `kiln build {}`",
+            system.display(),
+            node.name,
+            node.target,
+            node.name
+        );
+    }
     check_image(cfg, node, &system, args.force).with_context(|| {
         format!(
             "{}'s system is on its {} and the BMC writes only the loader ({}); the system image {} beside it says whose loader that is",
@@ -138,10 +169,31 @@ fn image_to_flash(cfg: &Config, node: &Node, args: &FlashRequest) -> Result<Path
     let id = crate::image::inspect::identity(&system)?;
     let info = crate::image::inspect::inspect_loader_image(&image, &id)?;
     if let Some(p) = info.problem() {
-        bail!("{p}; expected the {target} image of the same build as {}", system.display());
+        bail!(
+            "{p}; expected the {target} image of the same build as {}",
+            system.display()
+        );
+    }
+    if args.install {
+        let dest = system.with_file_name(format!("{}.install.img", node.name));
+        let pb = crate::progress::spinner(format!("{}: making the installer", node.name));
+        let made = install::compose(&system, &image, &id, &dest, args.overwrite_nvme);
+        pb.finish_and_clear();
+        let made = made?;
+        crate::progress::note(format!(
+            "{}: flashing {} ({}) to its {target}: the loader and an installer that writes {} ({} bytes, sha256 {}) to its {}, checks it, erases itself and reboots into it",
+            node.name,
+            made.path.display(),
+            crate::config::size::human(made.size),
+            system.display(),
+            made.system_bytes,
+            made.system_sha256,
+            node.target
+        ));
+        return Ok(made.path);
     }
     crate::progress::note(format!(
-        "{}: flashing {} (the loader alone) to its {target}; its system {} goes on the {} (kiln write)",
+        "{}: flashing {} (the loader alone) to its {target}; its system {} goes on the {} (kiln write, or kiln flash --install)",
         node.name,
         image.display(),
         system.display(),

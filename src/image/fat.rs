@@ -653,6 +653,49 @@ pub fn read_files(file: &File, offset: u64, size: u64) -> Result<Listing> {
     Ok(out)
 }
 
+/// Every file of a FAT kiln wrote (a built image's boot partition), with its bytes: what an
+/// installer partition copies. At most `size` bytes in all and MAX_DEPTH levels deep; the file is
+/// opened read-only by the caller, so nothing here can write to it.
+pub fn read_all(file: &File, offset: u64, size: u64) -> Result<BootFiles> {
+    use std::io::Read;
+    let fs = lamfat::FileSystem::new(Slice::new(file, offset, size), lamfat::FsOptions::new())
+        .map_err(|e| anyhow!("opening the FAT at byte {offset}: {e:?}"))?;
+    let mut files = BootFiles::new();
+    let mut budget = size;
+    let mut stack = vec![(fs.root_dir(), String::new(), 0usize)];
+    while let Some((dir, prefix, depth)) = stack.pop() {
+        for e in dir.iter() {
+            let e = e.map_err(|e| anyhow!("reading FAT directory /{prefix}: {e:?}"))?;
+            let name = e.file_name();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let path = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if e.is_dir() {
+                if depth >= MAX_DEPTH {
+                    bail!("FAT directory /{path} is nested more than {MAX_DEPTH} deep");
+                }
+                stack.push((e.to_dir(), path, depth + 1));
+                continue;
+            }
+            let len = e.len();
+            budget = budget.checked_sub(len).ok_or_else(|| {
+                anyhow!("FAT file /{path} claims more bytes than the partition holds")
+            })?;
+            let mut data = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            e.to_file()
+                .read_to_end(&mut data)
+                .map_err(|err| anyhow!("reading FAT file /{path}: {err}"))?;
+            files.insert(path, data);
+        }
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

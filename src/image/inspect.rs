@@ -419,7 +419,9 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
     // Measured from the image, so a loader written over afterwards shows, not only the record.
     // A node whose loader lives on another device has it measured from that device's image.
     let first = partitions.iter().map(|p| p.start).min().unwrap_or(size);
-    let artifacts = identity.as_ref().map_or_else(Vec::new, |id| artifacts(path, id));
+    let artifacts = identity
+        .as_ref()
+        .map_or_else(Vec::new, |id| artifacts(path, id));
     let loaders = match identity.as_ref() {
         Some(id) if id.loader_on.is_some() => {
             match artifacts.iter().find(|a| a.kind == "loader" && a.present) {
@@ -501,10 +503,7 @@ fn as_loader_image(path: &Path, size: u64) -> Result<Option<ImageInfo>> {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return Ok(None);
     };
-    let Some((node, target)) = name
-        .strip_suffix(".img")
-        .and_then(|s| s.rsplit_once('.'))
-    else {
+    let Some((node, target)) = name.strip_suffix(".img").and_then(|s| s.rsplit_once('.')) else {
         return Ok(None);
     };
     let system = path.with_file_name(format!("{node}.img"));
@@ -677,7 +676,11 @@ pub fn render_text(info: &ImageInfo) -> String {
                     a.kind,
                     a.target,
                     a.how,
-                    if a.present { "" } else { "; not beside this file" }
+                    if a.present {
+                        ""
+                    } else {
+                        "; not beside this file"
+                    }
                 ));
             }
         }

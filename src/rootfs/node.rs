@@ -9,6 +9,7 @@ use anyhow::Result;
 
 const FIRSTBOOT_SH: &str = include_str!("../../firstboot/kiln-firstboot.sh");
 const JOIN_SH: &str = include_str!("../../firstboot/kiln-join.sh");
+const INSTALL_SH: &str = include_str!("../../firstboot/kiln-install.sh");
 const FIRSTBOOT_UNIT: &str = include_str!("../../firstboot/kiln-firstboot.service");
 const TIME_WAIT_SH: &str = include_str!("../../firstboot/kiln-time-wait.sh");
 const TIME_WAIT_UNIT: &str = include_str!("../../firstboot/kiln-time-wait.service");
@@ -195,6 +196,11 @@ pub fn node_tree(plan: &NodePlan, identity_json: &str, secrets: &ClusterSecrets)
     );
     t.file("usr/lib/kiln/kiln-firstboot.sh", 0o755, FIRSTBOOT_SH);
     t.file("usr/lib/kiln/kiln-join.sh", 0o755, JOIN_SH);
+    // A system on a drive the BMC cannot write can be installed by itself from the eMMC
+    // (`kiln flash --install`): the installer runs from this root, read-only.
+    if plan.loader_on().is_some() {
+        t.file("usr/lib/kiln/kiln-install", 0o755, INSTALL_SH);
+    }
     t.file(
         "etc/systemd/system/kiln-firstboot.service",
         0o644,
