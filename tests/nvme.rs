@@ -188,6 +188,16 @@ fn a_node_on_nvme_gets_a_system_image_without_loader_and_a_loader_only_image() {
     }
     let i = stdout(&ws.kiln(&["inspect", "out/n2.emmc.img"]));
     assert!(i.contains("this is the loader alone"), "{i}");
+
+    // Writing the system to its drive reminds where its loader goes.
+    std::fs::write(ws.path("drive.img"), b"").unwrap();
+    let o = ws.kiln(&["write", "out/n2.img", "drive.img", "--yes"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("flash n2.emmc.img there (`kiln flash n2`)"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]

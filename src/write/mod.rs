@@ -148,10 +148,17 @@ pub fn run_write(args: &WriteRequest, confirm: &dyn Fn(&Question) -> Result<bool
     ));
     // A kiln image names its target's one-time firmware settings (the Pi 5's boot order);
     // an image from elsewhere has no identity, and that is fine here.
-    if let Ok(id) = crate::image::inspect::identity(&args.image)
-        && let Some(a) = id.firmware_advice()
-    {
-        crate::progress::result(a);
+    if let Ok(id) = crate::image::inspect::identity(&args.image) {
+        if let Some(a) = id.firmware_advice() {
+            crate::progress::result(a);
+        }
+        // The system alone does not boot: its loader lives on another device.
+        if let (Some(on), Some(name)) = (&id.loader_on, id.loader_image_name()) {
+            crate::progress::result(format!(
+                "{}: this system boots through the loader on its {on}: flash {name} there (`kiln flash {}`) if it does not hold it yet",
+                id.node, id.node
+            ));
+        }
     }
     Ok(())
 }
