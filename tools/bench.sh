@@ -69,7 +69,25 @@ EOF
         --tmppath "$work/g/tmp" --inputpath "$work/g/out" --outputpath "$work/g/out"
 }
 
-export -f kiln_one genimage_one
+# kiln with its .xz (what the BMC takes), and the baseline it replaced: xz -6 (the preset kiln
+# used before) on every core, over the same raw image.
+kiln_xz() {
+    rm -rf "$work/ws/out"
+    # shellcheck disable=SC2086
+    ( cd "$work/ws" && "$KILN" build rk1-1 --format xz --artifact "base=$base" $ART )
+}
+xz6_cli() { xz -6 -T0 -c "$work/one.img" > "$work/one.img.xz6"; }
+
+# The physical floor of one image: read the base tarball once, write the image's data once
+# (as one file of that many bytes), sync.
+floor() {
+    cat "$base" > /dev/null
+    head -c "$data_bytes" /dev/zero > "$work/floor.bin"
+    sync "$work/floor.bin"
+    rm -f "$work/floor.bin"
+}
+
+export -f kiln_one genimage_one kiln_xz xz6_cli floor
 
 # A base twice the size: the same tree again under /opt/copy.
 double="$work/double.tar.zst"
@@ -87,17 +105,41 @@ for r in $(seq "$ROUNDS"); do
     rm -rf "$work/ws/out"
     measure kiln-all "cd $work/ws && $KILN build --all --format raw --artifact base=$base $ART"
     measure kiln-5-singles "cd $work/ws && for n in pi5-staging rk1-1 rk1-2 rk1-3 rk1-4; do $KILN build \$n --format raw --artifact base=$base $ART; done"
+    kiln_one "$base" >/dev/null 2>&1
+    cp --sparse=always "$work/ws/out/rk1-1.img" "$work/one.img"
+    data_bytes=$(( $(stat -c %b "$work/one.img") * 512 ))
+    export data_bytes
+    measure floor floor
+    measure kiln-xz kiln_xz
+    # xz -6 takes minutes: once is enough for a baseline.
+    [ "$r" -gt 1 ] || measure xz6-cli xz6_cli
     echo "round $r done" >&2
 done
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 med() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$work/results" | median; }
 printf '\n%-16s %10s %14s\n' run "median s" "peak RSS MiB"
-for n in kiln genimage kiln-2x kiln-all kiln-5-singles; do
+for n in kiln genimage kiln-2x kiln-all kiln-5-singles floor kiln-xz xz6-cli; do
     printf '%-16s %10.2f %14.1f\n' "$n" "$(med "$n" 2)" "$(echo "$(med "$n" 3) / 1024" | bc -l)"
 done
 printf '\nkiln / genimage (one image, tarball to raw): %.2f\n' "$(echo "$(med kiln 2) / $(med genimage 2)" | bc -l)"
 printf 'kiln build --all / one kiln build: %.2f\n' "$(echo "$(med kiln-all 2) / $(med kiln 2)" | bc -l)"
 printf 'kiln build --all / five single builds: %.2f\n' "$(echo "$(med kiln-all 2) / $(med kiln-5-singles 2)" | bc -l)"
 printf 'peak RSS, base twice the size / base: %.2f\n' "$(echo "$(med kiln-2x 3) / $(med kiln 3)" | bc -l)"
+xz_pass=$(echo "$(med kiln-xz 2) - $(med kiln 2)" | bc -l)
+printf 'kiln / physical floor (read the base once, write the data once, sync): %.2f\n' "$(echo "$(med kiln 2) / $(med floor 2)" | bc -l)"
+printf "kiln's .xz pass (kiln-xz - kiln, %.2f s) / the image build: %.2f\n" "$xz_pass" "$(echo "$xz_pass / $(med kiln 2)" | bc -l)"
+printf "kiln's .xz pass / xz -6 -T0 on the same image (the preset before): %.2f\n" "$(echo "$xz_pass / $(med xz6-cli 2)" | bc -l)"
+
+# What crosses the BMC: it writes every byte of the raw image and reads it back.
+rm -rf "$work/ws/out"
+( cd "$work/ws" && "$KILN" build --all --format xz --artifact "base=$base" $ART >/dev/null 2>&1 )
+printf '\n%-14s %12s %12s %8s %12s %10s\n' node "apparent MB" "data MB" "BMC/data" ".xz MB" "BMC s @20MB/s"
+for img in "$work"/ws/out/*.img; do
+    n=$(basename "$img" .img)
+    app=$(stat -c %s "$img"); dat=$(( $(stat -c %b "$img") * 512 )); xzs=$(stat -c %s "$img.xz")
+    printf '%-14s %12.1f %12.1f %8.2f %12.1f %10.0f\n' "$n" "$(echo "$app/1000000" | bc -l)" \
+        "$(echo "$dat/1000000" | bc -l)" "$(echo "$app/$dat" | bc -l)" "$(echo "$xzs/1000000" | bc -l)" \
+        "$(echo "2*$app/20000000" | bc -l)"
+done
 printf '(%s rounds, %s, %s cores, %s)\n' "$ROUNDS" "$(uname -m)" "$(nproc)" "$(date -u +%Y-%m-%d)"
