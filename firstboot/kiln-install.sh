@@ -60,7 +60,10 @@ dst=
 i=0
 while [ $i -lt 60 ]; do
     for d in /sys/class/block/nvme*n1; do
-        [ -e "$d" ] && [ ! -e "$d/partition" ] && dst=$(basename "$d")
+        if [ -e "$d" ] && [ ! -e "$d/partition" ]; then
+            dst=$(basename "$d")
+            break
+        fi
     done
     [ -n "$dst" ] && break
     sleep 1
