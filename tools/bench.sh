@@ -24,7 +24,8 @@ cp -r kiln.toml boards overlays "$work/ws/"
 ( cd "$work/ws" && "$KILN" secrets init >/dev/null )
 printf '#!/bin/sh\n# benchmark stand-in for k3s\n' > "$work/k3s"
 head -c 1048576 /dev/zero > "$work/images.tar.zst"
-head -c 1048576 /dev/urandom > "$work/uboot.bin"
+# A stand-in loader: kiln checks the Rockchip idbloader magic `RKNS` at its start.
+{ printf 'RKNS'; head -c 1048572 /dev/urandom; } > "$work/uboot.bin"
 ART="--artifact uboot=$work/uboot.bin --artifact k3s=$work/k3s --artifact k3s-images=$work/images.tar.zst"
 export work KILN base ART
 
