@@ -59,9 +59,13 @@ log "installing $KILN_NODE's system ($KILN_SYSTEM_BYTES bytes, sha256 $KILN_SYST
 dst=
 i=0
 while [ $i -lt 60 ]; do
+    # nvmeXn1 only: with NVMe multipath (Debian's kernel has it) sysfs also lists the hidden
+    # per-controller path nvmeXcYn1, which has no /dev node and sorts first.
     for d in /sys/class/block/nvme*n1; do
-        if [ -e "$d" ] && [ ! -e "$d/partition" ]; then
-            dst=$(basename "$d")
+        n=$(basename "$d")
+        case $n in *c*) continue ;; esac
+        if [ ! -e "$d/partition" ] && [ -b "/dev/$n" ]; then
+            dst=$n
             break
         fi
     done
