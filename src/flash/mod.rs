@@ -157,7 +157,7 @@ fn image_to_flash(cfg: &Config, node: &Node, args: &FlashRequest) -> Result<Path
             node.name
         );
     }
-    check_image(cfg, node, &system, args.force).with_context(|| {
+    let id = check_image(cfg, node, &system, args.force).with_context(|| {
         format!(
             "{}'s system is on its {} and the BMC writes only the loader ({}); the system image {} beside it says whose loader that is",
             node.name,
@@ -166,7 +166,6 @@ fn image_to_flash(cfg: &Config, node: &Node, args: &FlashRequest) -> Result<Path
             system.display()
         )
     })?;
-    let id = crate::image::inspect::identity(&system)?;
     let info = crate::image::inspect::inspect_loader_image(&image, &id)?;
     if let Some(p) = info.problem() {
         bail!(
@@ -229,7 +228,13 @@ pub(crate) fn slot_of(cfg: &Config, node: &Node) -> Result<u8> {
 /// Refuses an image built for another node, or (unless `force`) one whose plan — what of the
 /// inventory and board profile went into this node's image — has changed since it was built.
 /// Changes that do not reach this node (another node, `[bmc]`, comments) leave it fresh.
-pub(crate) fn check_image(cfg: &Config, node: &Node, image: &Path, force: bool) -> Result<()> {
+/// Returns the identity the image carries.
+pub(crate) fn check_image(
+    cfg: &Config,
+    node: &Node,
+    image: &Path,
+    force: bool,
+) -> Result<crate::rootfs::identity::Identity> {
     // A truncated image (a cut copy, a full disk) would be written to the eMMC as far as it
     // goes and leave a root partition that ends in nothing.
     // One read of the image serves both checks (inspect hashes every boot file).
@@ -318,7 +323,7 @@ pub(crate) fn check_image(cfg: &Config, node: &Node, image: &Path, force: bool) 
             image.display()
         ));
     }
-    Ok(())
+    Ok(id)
 }
 
 /// The differences between an image's identity and the node's current settings that the

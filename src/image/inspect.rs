@@ -81,6 +81,24 @@ pub struct LoaderInfo {
     pub matches_record: bool,
 }
 
+impl LoaderInfo {
+    /// The loader `recorded` as it is in `file` now: its bytes from its offset to the last
+    /// non-zero byte before `end` (the first partition, or the end of a loader-only image).
+    fn measure(file: &File, recorded: LoaderRecord, end: u64) -> LoaderInfo {
+        let m = crate::fetch::loader::measure(file, recorded.offset, end).ok();
+        LoaderInfo {
+            artifact: recorded.artifact.clone(),
+            offset: recorded.offset,
+            matches_record: m
+                .as_ref()
+                .is_some_and(|(n, sha)| *n == recorded.size && *sha == recorded.sha256),
+            size: m.as_ref().map(|(n, _)| *n),
+            sha256: m.map(|(_, sha)| sha),
+            recorded,
+        }
+    }
+}
+
 fn fs_type(file: &File, start: u64) -> Option<String> {
     let mut sb = [0u8; 2048];
     file.read_exact_at(&mut sb, start).ok()?;
@@ -440,19 +458,7 @@ pub fn inspect(path: &Path) -> Result<ImageInfo> {
             .map(|id: &Identity| id.loaders.clone())
             .unwrap_or_default()
             .into_iter()
-            .map(|r| {
-                let m = crate::fetch::loader::measure(&file, r.offset, first).ok();
-                LoaderInfo {
-                    artifact: r.artifact.clone(),
-                    offset: r.offset,
-                    matches_record: m
-                        .as_ref()
-                        .is_some_and(|(n, sha)| *n == r.size && *sha == r.sha256),
-                    size: m.as_ref().map(|(n, _)| *n),
-                    sha256: m.map(|(_, sha)| sha),
-                    recorded: r,
-                }
-            })
+            .map(|r| LoaderInfo::measure(&file, r, first))
             .collect(),
     };
     Ok(ImageInfo {
@@ -584,19 +590,7 @@ pub fn inspect_loader_image(path: &Path, id: &Identity) -> Result<LoaderImageInf
     let loaders = id
         .loaders
         .iter()
-        .map(|r| {
-            let m = crate::fetch::loader::measure(&file, r.offset, size).ok();
-            LoaderInfo {
-                artifact: r.artifact.clone(),
-                offset: r.offset,
-                matches_record: m
-                    .as_ref()
-                    .is_some_and(|(n, sha)| *n == r.size && *sha == r.sha256),
-                size: m.as_ref().map(|(n, _)| *n),
-                sha256: m.map(|(_, sha)| sha),
-                recorded: r.clone(),
-            }
-        })
+        .map(|r| LoaderInfo::measure(&file, r.clone(), size))
         .collect();
     Ok(LoaderImageInfo {
         image: path.display().to_string(),

@@ -383,11 +383,10 @@ impl Run<'_> {
 
     fn flash(&mut self) -> Result<()> {
         let image = self.image();
-        flash::check_image(self.cfg, self.node, &image, self.args.force)
-            .context("run the build step first (--from-step build)")?;
         // An init image of a bootstrap server would start a second cluster if its peers are
         // slow to answer: a reimage flashes only rejoin images.
-        let id = crate::image::inspect::identity(&image)?;
+        let id = flash::check_image(self.cfg, self.node, &image, self.args.force)
+            .context("run the build step first (--from-step build)")?;
         if id.join != JoinMode::Rejoin {
             bail!(
                 "{} was built to create its cluster (join = {}); a reimaged node must rejoin: run `kiln reimage {} --from-step build` or `kiln build {} --rejoin`",
