@@ -3,6 +3,9 @@
 
 pub mod bmap;
 pub mod staging;
+pub mod xz;
+
+pub use xz::BlockCache;
 
 use crate::util::AtomicFile;
 use anyhow::{Context, Result};
@@ -20,7 +23,8 @@ pub enum Format {
     Raw,
     /// zstd, multi-threaded: the default companion for downloads and CI artifacts.
     Zst,
-    /// xz, multi-threaded: what the Turing Pi BMC decompresses while flashing.
+    /// xz, what the Turing Pi BMC decompresses while flashing: independent blocks compressed on
+    /// every core and shared between the images of a build ([`xz`]).
     Xz,
     Gz,
 }
@@ -151,7 +155,7 @@ impl<W: Write> Write for Hashing<W> {
 
 enum Encoder {
     Zst(zstd::stream::write::Encoder<'static, Hashing<File>>),
-    Xz(liblzma::write::XzEncoder<Hashing<File>>),
+    Xz(xz::XzWriter),
     Gz(flate2::write::GzEncoder<Hashing<File>>),
 }
 
@@ -160,7 +164,7 @@ fn threads() -> u32 {
 }
 
 impl Encoder {
-    fn new(format: Format, file: File) -> Result<Encoder> {
+    fn new(format: Format, file: File, cache: &BlockCache) -> Result<Encoder> {
         let w = Hashing {
             inner: file,
             hash: Sha256::new(),
@@ -174,15 +178,8 @@ impl Encoder {
                 e.include_checksum(true)?;
                 Encoder::Zst(e)
             }
-            Format::Xz => {
-                let stream = liblzma::stream::MtStreamBuilder::new()
-                    .preset(XZ_PRESET)
-                    .threads(threads())
-                    .check(liblzma::stream::Check::Crc64)
-                    .encoder()
-                    .context("starting the xz encoder")?;
-                Encoder::Xz(liblzma::write::XzEncoder::new_stream(w, stream))
-            }
+            // Its own writer hashes what it writes.
+            Format::Xz => Encoder::Xz(xz::XzWriter::new(w.inner, cache, threads() as usize)?),
             Format::Gz => Encoder::Gz(
                 // mtime 0 and no file name: the same image gives the same bytes.
                 flate2::GzBuilder::new()
@@ -193,18 +190,22 @@ impl Encoder {
         })
     }
 
-    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+    fn write_all(&mut self, b: &[u8]) -> Result<()> {
         match self {
-            Encoder::Zst(e) => e.write_all(b),
-            Encoder::Xz(e) => e.write_all(b),
-            Encoder::Gz(e) => e.write_all(b),
+            Encoder::Zst(e) => e.write_all(b)?,
+            Encoder::Xz(e) => e.write_all(b)?,
+            Encoder::Gz(e) => e.write_all(b)?,
         }
+        Ok(())
     }
 
     fn finish(self) -> Result<(u64, String)> {
         let w = match self {
             Encoder::Zst(e) => e.finish()?,
-            Encoder::Xz(e) => e.finish()?,
+            Encoder::Xz(e) => {
+                let s = e.finish()?;
+                return Ok((s.len, s.sha256));
+            }
             Encoder::Gz(e) => e.finish()?,
         };
         w.inner.sync_all()?;
@@ -229,6 +230,17 @@ pub struct Pass {
 
 /// Writes the compressed copies of `img` in `formats`, hashing everything in one pass.
 pub fn compress(img: &Path, formats: &[Format], on_progress: &dyn Fn(u64)) -> Result<Pass> {
+    compress_with(img, formats, &BlockCache::new(), on_progress)
+}
+
+/// [`compress`], taking the .xz blocks another image of the build already compressed from
+/// `cache` (the output is the same either way).
+pub fn compress_with(
+    img: &Path,
+    formats: &[Format],
+    cache: &BlockCache,
+    on_progress: &dyn Fn(u64),
+) -> Result<Pass> {
     let input = File::open(img).with_context(|| format!("opening {}", img.display()))?;
     let size = input.metadata()?.len();
     let data = crate::image::sparse::data_ranges(&input, 0, size)?;
@@ -244,7 +256,7 @@ pub fn compress(img: &Path, formats: &[Format], on_progress: &dyn Fn(u64)) -> Re
             .file()
             .try_clone()
             .with_context(|| format!("opening {}", dest.display()))?;
-        outs.push((f, dest, tmp, Encoder::new(f, handle)?));
+        outs.push((f, dest, tmp, Encoder::new(f, handle, cache)?));
     }
 
     // The image in order as (start, end, holds data): holes are fed from a buffer of zeros
@@ -341,9 +353,14 @@ pub fn compress(img: &Path, formats: &[Format], on_progress: &dyn Fn(u64)) -> Re
 
 /// Compressed copies, `<img>.bmap` and digests for one finished image.
 pub fn publish_image(img: &Path, formats: &[Format]) -> Result<Published> {
+    publish_image_with(img, formats, &BlockCache::new())
+}
+
+/// [`publish_image`] sharing .xz blocks with the other images of a build through `cache`.
+pub fn publish_image_with(img: &Path, formats: &[Format], cache: &BlockCache) -> Result<Published> {
     let size = std::fs::metadata(img)?.len();
     let pb = crate::progress::bytes(size, format!("publishing {}", img.display()));
-    let r = compress(img, formats, &|n| pb.set_position(n));
+    let r = compress_with(img, formats, cache, &|n| pb.set_position(n));
     pb.finish_and_clear();
     let Pass {
         raw,
