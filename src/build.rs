@@ -202,8 +202,18 @@ fn run_locked(req: &Request) -> Result<Outcome> {
         jobs.push((p, inputs));
     }
 
-    // Per-node work on every core: each node's mke2fs and compression run side by side.
+    // Per-node work on every core. Nodes of a board share one root filesystem, written by the
+    // first of them to need it (the others of that board wait for it, see `SharedRoots`), so
+    // the first node of every board is scheduled first.
     let formats = Format::resolve(&req.formats);
+    // The order nodes are taken in; results and the summary keep the inventory's order.
+    let mut leaders = std::collections::HashSet::new();
+    let (mut order, followers): (Vec<usize>, Vec<usize>) =
+        (0..jobs.len()).partition(|&i| leaders.insert(jobs[i].0.board.name().to_string()));
+    order.extend(followers);
+    let roots = SharedRoots::default();
+    // One .xz block cache for the build: the nodes of a board share most of their bytes.
+    let xz_blocks = publish::BlockCache::new();
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(jobs.len())
@@ -214,17 +224,20 @@ fn run_locked(req: &Request) -> Result<Outcome> {
         for _ in 0..workers {
             s.spawn(|| {
                 loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some((p, inputs)) = jobs.get(i) else {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&i) = order.get(n) else {
                         break;
                     };
+                    let (p, inputs) = &jobs[i];
                     let r = match inputs {
-                        Ok(inp) => image_node(p, inp, staging.dir()).and_then(|r| {
+                        Ok(inp) => image_node(p, inp, &roots, staging.dir()).and_then(|r| {
                             crate::cleanup::checkpoint("image")?;
-                            let mut published = publish::publish_image(&r.path, &formats)?;
+                            let mut published =
+                                publish::publish_image_with(&r.path, &formats, &xz_blocks)?;
                             if let Some(l) = &r.loader_image {
-                                published.loader_image =
-                                    Some(Box::new(publish::publish_image(&l.path, &formats)?));
+                                published.loader_image = Some(Box::new(
+                                    publish::publish_image_with(&l.path, &formats, &xz_blocks)?,
+                                ));
                             }
                             crate::cleanup::checkpoint("publish")?;
                             Ok((r, published))
@@ -238,6 +251,7 @@ fn run_locked(req: &Request) -> Result<Outcome> {
             });
         }
     });
+    drop(roots);
 
     let mut inputs_used: Vec<publish::Input> = Vec::new();
     let mut done: Vec<(ImageReport, Published)> = Vec::new();
@@ -339,14 +353,56 @@ fn run_locked(req: &Request) -> Result<Outcome> {
     Ok(outcome)
 }
 
-/// One node's image and what was published from it.
+/// The shared root filesystems of a build, each written once by the first node that needs it
+/// (`OnceLock::get_or_init` makes the others of its board wait instead of writing it again).
+#[derive(Default)]
+struct SharedRoots {
+    roots: Mutex<BTreeMap<image::shared::Key, Arc<SharedSlot>>>,
+}
+
+type SharedSlot = std::sync::OnceLock<Result<image::shared::SharedRoot, String>>;
+
+impl SharedRoots {
+    fn slot(&self, key: &image::shared::Key) -> Result<Arc<SharedSlot>> {
+        let mut roots = self
+            .roots
+            .lock()
+            .map_err(|_| anyhow!("another build worker panicked"))?;
+        Ok(roots.entry(key.clone()).or_default().clone())
+    }
+}
+
 /// One node's image: its boot blobs, then the files and identity the rootfs stage makes
-/// (they record the blobs), then the image itself.
-fn image_node(p: &NodePlan, inputs: &Inputs, dir: &std::path::Path) -> Result<ImageReport> {
+/// (they record the blobs), then its board's shared root filesystem, then the image itself.
+fn image_node(
+    p: &NodePlan,
+    inputs: &Inputs,
+    roots: &SharedRoots,
+    dir: &std::path::Path,
+) -> Result<ImageReport> {
     let blobs = image::read_blobs(p)?;
     let contents =
         rootfs::node_contents(p, &inputs.scan, &inputs.k3s, image::loader_records(&blobs))?;
-    image::build_node(p, inputs, &contents, &blobs, dir)
+    let spec = image::shared_spec(p, inputs, &contents)?;
+    let slot = roots.slot(&spec.key)?;
+    let root = slot.get_or_init(|| {
+        let r = image::make_shared_root(p, inputs, &contents, &spec, dir);
+        if let Ok(r) = &r {
+            crate::progress::note(format!(
+                "{}: shared root filesystem written once for its nodes in {:.1} s",
+                p.board.name(),
+                r.seconds
+            ));
+        }
+        r.map_err(|e| format!("{e:#}"))
+    });
+    let root = root.as_ref().map_err(|e| {
+        anyhow!(
+            "the shared root filesystem of board {}: {e}",
+            p.board.name()
+        )
+    })?;
+    image::build_node(p, inputs, &contents, root, &blobs, dir)
 }
 
 type NodeResult = Result<(ImageReport, Published)>;

@@ -132,7 +132,13 @@ pub struct Running {
 
 impl Running {
     /// Closes stdin, waits, and turns a failure into an error with the program's stderr.
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(self) -> Result<()> {
+        self.finish_stderr().map(|_| ())
+    }
+
+    /// As [`Running::finish`], returning stderr of a program that succeeded (debugfs reports
+    /// a failed command only there, with exit status 0).
+    pub fn finish_stderr(mut self) -> Result<String> {
         drop(self.child.stdin.take());
         let status = self.child.wait().context("waiting for a child process")?;
         let stderr = self
@@ -148,7 +154,7 @@ impl Running {
                 tail(&stderr)
             );
         }
-        Ok(())
+        Ok(stderr)
     }
 }
 

@@ -153,6 +153,34 @@ impl Tree {
         walk(self, root, root)
     }
 
+    /// Feeds everything that decides what this tree writes into `h`: paths, owners, modes and
+    /// contents (a host file by its path and length: kiln's host files are content-addressed
+    /// cache entries or checked for a change of size when they are streamed).
+    pub fn digest(&self, h: &mut sha2::Sha256) {
+        use sha2::Digest;
+        for (path, e) in &self.entries {
+            h.update((path.len() as u64).to_le_bytes());
+            h.update(path.as_bytes());
+            h.update([u8::from(e.implicit)]);
+            h.update(e.mode.to_le_bytes());
+            h.update(e.uid.to_le_bytes());
+            h.update(e.gid.to_le_bytes());
+            let (tag, bytes): (u8, Vec<u8>) = match &e.kind {
+                Kind::File(d) => (0, sha2::Sha256::digest(d).to_vec()),
+                Kind::HostFile { path, len } => {
+                    let mut b = path.as_os_str().as_encoded_bytes().to_vec();
+                    b.extend(len.to_le_bytes());
+                    (1, b)
+                }
+                Kind::Dir => (2, Vec::new()),
+                Kind::Symlink(t) => (3, t.as_bytes().to_vec()),
+            };
+            h.update([tag]);
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+        }
+    }
+
     /// 4 KiB blocks this tree needs (for sizing the root filesystem).
     pub fn blocks(&self) -> u64 {
         self.entries

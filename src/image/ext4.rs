@@ -15,7 +15,11 @@ const INODE_SIZE: u64 = 256;
 
 /// Pinned mke2fs configuration: features must not depend on the build host's
 /// /etc/mke2fs.conf, or two hosts would make different (or unbootable) filesystems.
-/// orphan_file and metadata_csum_seed are left out for older e2fsck on rescue systems.
+/// orphan_file is left out for older e2fsck on rescue systems (it came in 1.47).
+/// metadata_csum_seed (e2fsprogs 1.43, Linux 4.4; Debian since stretch) keeps the checksum
+/// seed in the superblock, so a node's copy of its board's shared root filesystem gets its own
+/// UUID by rewriting the superblocks alone (`image::shared`). No boot loader kiln uses reads
+/// the root: extlinux.conf, config.txt and the ESP are on the FAT boot partition.
 const MKE2FS_CONF: &str = "\
 [defaults]
 \tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
@@ -26,7 +30,7 @@ const MKE2FS_CONF: &str = "\
 \tinode_ratio = 16384
 [fs_types]
 \text4 = {
-\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,metadata_csum_seed,64bit,dir_nlink,extra_isize
 \t}
 \tsmall = {
 \t\tinode_size = 256

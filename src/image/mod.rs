@@ -6,6 +6,7 @@ pub mod ext4;
 pub mod fat;
 pub mod inspect;
 pub mod layout;
+pub mod shared;
 pub mod slice;
 pub mod sparse;
 pub mod table;
@@ -16,9 +17,9 @@ use crate::fetch::k3s::K3sFiles;
 use crate::fetch::loader;
 use crate::plan::NodePlan;
 use crate::rootfs::identity::Identity;
-use crate::rootfs::{NodeContents, base, merge};
+use crate::rootfs::{NodeContents, base};
 use crate::util::AtomicFile;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -138,25 +139,103 @@ pub fn read_blobs(plan: &NodePlan) -> Result<Vec<BlobData>> {
     Ok(blobs)
 }
 
-/// Builds one node's image into `out_dir/<node>.img` from its base, the files the rootfs
-/// stage made for it (`contents`: identity, k3s, overlays, secrets) and its boot blobs.
+/// What a node's root filesystem is made of before its own files: the shared filesystem it
+/// takes (nodes of a build with the same key share one) and its size.
+#[derive(Debug, Clone)]
+pub struct SharedSpec {
+    pub key: shared::Key,
+    pub size: u64,
+    pub inodes: u64,
+    pub label: String,
+}
+
+fn root_spec(plan: &NodePlan) -> Result<&crate::config::board::Partition> {
+    plan.board
+        .spec
+        .partitions
+        .iter()
+        .find(|p| p.content == Content::Rootfs)
+        .ok_or_else(|| anyhow!("board {} has no root partition", plan.board.name()))
+}
+
+/// The shared root filesystem a node needs: from its board, base and shared files alone.
+pub fn shared_spec(
+    plan: &NodePlan,
+    inputs: &Inputs,
+    contents: &NodeContents,
+) -> Result<SharedSpec> {
+    let spec = root_spec(plan)?;
+    let headroom = spec.headroom.map_or(DEFAULT_HEADROOM, |h| h.0);
+    let (auto_size, inodes) = shared::size_for(
+        inputs.scan.blocks,
+        inputs.scan.entries,
+        &contents.shared,
+        headroom,
+    );
+    let size = match spec.size {
+        PartSize::Fixed(s) => s.0,
+        PartSize::Auto => auto_size,
+    };
+    let mut key = shared::Key::of(
+        plan.board.name(),
+        &inputs.scan.sha256,
+        contents.epoch,
+        headroom,
+        &contents.shared,
+    );
+    key.0 = format!("{}-{size}-{inodes}", key.0);
+    Ok(SharedSpec {
+        key,
+        size,
+        inodes,
+        label: spec.label.clone(),
+    })
+}
+
+/// Writes the shared root filesystem of `spec` into `dir` (the build's staging directory).
+pub fn make_shared_root(
+    plan: &NodePlan,
+    inputs: &Inputs,
+    contents: &NodeContents,
+    spec: &SharedSpec,
+    dir: &Path,
+) -> Result<shared::SharedRoot> {
+    let base_len = std::fs::metadata(&inputs.base)
+        .with_context(|| format!("reading base tarball {}", inputs.base.display()))?
+        .len();
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating output directory {}", dir.display()))?;
+    shared::make(&shared::SharedParams {
+        key: spec.key.clone(),
+        base: &inputs.base,
+        base_len,
+        shared: &contents.shared,
+        size: spec.size,
+        inodes: spec.inodes,
+        label: &spec.label,
+        epoch: contents.epoch,
+        dir,
+        name: plan.board.name(),
+    })
+}
+
+/// Builds one node's image into `out_dir/<node>.img` from the shared root filesystem of its
+/// board, the files the rootfs stage made for it alone (`contents.own`: identity, address,
+/// secrets, first boot) and its boot blobs.
 pub fn build_node(
     plan: &NodePlan,
     inputs: &Inputs,
     contents: &NodeContents,
+    root_fs: &shared::SharedRoot,
     blobs: &[BlobData],
     out_dir: &Path,
 ) -> Result<ImageReport> {
     let started = Instant::now();
     let node = &plan.node.name;
-    let base_path = &inputs.base;
-    let base_len = std::fs::metadata(base_path)
-        .with_context(|| format!("reading base tarball {}", base_path.display()))?
-        .len();
 
     // 1. The base's scan (done once per board by the caller).
     let scan = &inputs.scan;
-    let (epoch, overlay, identity) = (contents.epoch, &contents.overlay, &contents.identity);
+    let (epoch, own, identity) = (contents.epoch, &contents.own, &contents.identity);
     for r in blobs.iter().filter_map(|b| b.record.as_ref()) {
         crate::progress::note(format!(
             "{node}: {} from {}: {} bytes, sha256 {}",
@@ -166,30 +245,26 @@ pub fn build_node(
             r.sha256
         ));
     }
+    let own_blocks = own.blocks();
+    if own_blocks.saturating_mul(4096) > shared::NODE_ROOM
+        || own.entries.len() as u64 > shared::NODE_ENTRIES
+    {
+        bail!(
+            "{node}: its own files need {} KiB in {} entries; the root filesystem its board's nodes \
+share keeps {} KiB and {} entries for them",
+            own_blocks.saturating_mul(4),
+            own.entries.len(),
+            shared::NODE_ROOM / 1024,
+            shared::NODE_ENTRIES
+        );
+    }
 
     // 2. Layout, checked before any byte is written.
-    let root_spec = plan
-        .board
-        .spec
-        .partitions
-        .iter()
-        .find(|p| p.content == Content::Rootfs)
-        .ok_or_else(|| anyhow!("board {} has no root partition", plan.board.name()))?;
-    let headroom = root_spec.headroom.map_or(DEFAULT_HEADROOM, |h| h.0);
-    let (auto_size, inodes) = ext4::estimate_size(
-        scan.blocks + overlay.blocks(),
-        scan.entries + overlay.entries.len() as u64,
-        headroom,
-    );
-    let root_size = match root_spec.size {
-        PartSize::Fixed(s) => s.0,
-        PartSize::Auto => auto_size,
-    };
     let blob_lens: Vec<(String, u64)> = blobs
         .iter()
         .map(|b| (b.artifact.clone(), b.data.len() as u64))
         .collect();
-    let layout = layout::place(plan, root_size, &blob_lens)?;
+    let layout = layout::place(plan, root_fs.size, &blob_lens)?;
     let boot_files = bootcfg::boot_files(plan, &scan.kernel, &contents.identity_json)?;
 
     std::fs::create_dir_all(out_dir)
@@ -204,19 +279,24 @@ pub fn build_node(
     let root = layout
         .by_content(Content::Rootfs)
         .ok_or_else(|| anyhow!("layout has no root partition"))?;
-    let pb = crate::progress::bytes(base_len, format!("{node}: writing root filesystem"));
-    ext4::make(
-        &ext4::Ext4Params {
-            image: out.path(),
-            offset: root.start,
-            size: root.size,
-            inodes,
-            uuid: plan.ids.fs_uuids[root.index],
-            label: &root.label,
-            epoch,
-        },
-        |stdin| merge::write_tar(base_path, overlay, epoch, stdin, &|n| pb.set_position(n)),
-    )?;
+    let pb = crate::progress::spinner(format!("{node}: writing root filesystem"));
+    // Private to this node: the files debugfs reads, secrets among them (0700/0600), in the
+    // staging directory beside the image and removed with it.
+    let work = out_dir.join(format!(".{node}.own.partial-{}", std::process::id()));
+    let handle = out
+        .file()
+        .try_clone()
+        .with_context(|| format!("opening {}", out.path().display()))?;
+    let written = root_fs.write_node(
+        &handle,
+        out.path(),
+        root.start,
+        own,
+        plan.ids.fs_uuids[root.index],
+        &work,
+    );
+    crate::cleanup::remove_tree(&work);
+    written?;
     pb.finish_and_clear();
 
     // 4. Boot partition.
@@ -252,7 +332,10 @@ pub fn build_node(
         }
     };
     table::write(out.file(), &layout, &plan.ids)?;
-    sparse::punch_zeros(out.file(), 0, layout.disk_size)?;
+    // The root came sparse from the shared filesystem (its zeros already holes); the rest is
+    // the table, the loader and the FAT.
+    sparse::punch_zeros(out.file(), 0, root.start)?;
+    sparse::punch_zeros(out.file(), root.end(), layout.disk_size)?;
 
     let allocated = out.file().metadata()?.blocks() * 512;
     let path = out.commit()?;

@@ -19,7 +19,8 @@ pub fn unit_name(role: Role) -> &'static str {
     }
 }
 
-pub fn k3s_tree(files: &K3sFiles, role: Role) -> Result<Tree> {
+/// The binary, its links and the airgap images: the same on every node of an architecture.
+pub fn k3s_tree(files: &K3sFiles) -> Result<Tree> {
     let mut t = Tree::default();
     t.host_file(BIN, 0o755, &files.binary.path)?;
     // k3s dispatches on argv[0], as the install script's links rely on.
@@ -31,6 +32,13 @@ pub fn k3s_tree(files: &K3sFiles, role: Role) -> Result<Tree> {
         0o644,
         &files.images.path,
     )?;
+    Ok(t)
+}
+
+/// The systemd unit of the node's role. Not enabled here: first boot enables it after it
+/// wrote config.yaml.
+pub fn unit_tree(role: Role) -> Tree {
+    let mut t = Tree::default();
     let unit = match role {
         Role::Server => SERVER_UNIT,
         Role::Agent => AGENT_UNIT,
@@ -40,6 +48,5 @@ pub fn k3s_tree(files: &K3sFiles, role: Role) -> Result<Tree> {
         0o644,
         unit,
     );
-    // Not enabled here: first boot enables it after it wrote config.yaml.
-    Ok(t)
+    t
 }

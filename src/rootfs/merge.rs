@@ -42,6 +42,32 @@ pub fn write_tar<W: Write>(
     out: W,
     on_progress: &dyn Fn(u64),
 ) -> Result<MergeStats> {
+    write_tar_listing(
+        base_path,
+        overlay,
+        mtime,
+        out,
+        on_progress,
+        &mut Listing::default(),
+    )
+}
+
+/// Every path a stream wrote, and whether it is a directory: what a filesystem made from it
+/// holds, for applying a node's own files on top later (`image::shared`).
+#[derive(Debug, Default, Clone)]
+pub struct Listing {
+    pub paths: std::collections::HashMap<String, bool>,
+}
+
+/// [`write_tar`], recording every path written into `listing`.
+pub fn write_tar_listing<W: Write>(
+    base_path: &Path,
+    overlay: &Tree,
+    mtime: u64,
+    out: W,
+    on_progress: &dyn Fn(u64),
+    listing: &mut Listing,
+) -> Result<MergeStats> {
     let mut stats = MergeStats::default();
     let mut archive = tar::Archive::new(base::open(base_path, on_progress)?);
     let mut builder = tar::Builder::new(out);
@@ -72,8 +98,9 @@ pub fn write_tar<W: Write>(
                 seen_dirs.insert(path.clone());
                 if !o.implicit {
                     stats.replaced += 1;
-                    ensure_parents(&mut builder, &mut made, &path, mtime)?;
+                    ensure_parents(&mut builder, &mut made, &path, mtime, listing)?;
                     made.insert(path.clone());
+                    listing.paths.insert(path.clone(), true);
                     append_entry(&mut builder, &path, o, mtime)?;
                     continue;
                 }
@@ -97,10 +124,11 @@ pub fn write_tar<W: Write>(
                 .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
                 .context("writing the root filesystem stream")?;
         }
-        ensure_parents(&mut builder, &mut made, &path, mtime)?;
+        ensure_parents(&mut builder, &mut made, &path, mtime, listing)?;
         if ty.is_dir() {
             made.insert(path.clone());
         }
+        listing.paths.insert(path.clone(), ty.is_dir());
         let mut header = entry.header().clone();
         let tar_path = if path.is_empty() {
             "./".to_string()
@@ -141,10 +169,11 @@ pub fn write_tar<W: Write>(
             continue;
         }
         stats.added += 1;
-        ensure_parents(&mut builder, &mut made, path, mtime)?;
+        ensure_parents(&mut builder, &mut made, path, mtime, listing)?;
         if e.kind == Kind::Dir {
             made.insert(path.clone());
         }
+        listing.paths.insert(path.clone(), e.kind == Kind::Dir);
         append_entry(&mut builder, path, e, mtime)?;
     }
     builder
@@ -208,6 +237,7 @@ fn ensure_parents<W: Write>(
     made: &mut HashSet<String>,
     path: &str,
     mtime: u64,
+    listing: &mut Listing,
 ) -> Result<()> {
     let mut missing = Vec::new();
     let mut p = path;
@@ -227,6 +257,7 @@ fn ensure_parents<W: Write>(
             implicit: true,
         };
         append_entry(builder, &dir, &e, mtime)?;
+        listing.paths.insert(dir.clone(), true);
         made.insert(dir);
     }
     Ok(())
