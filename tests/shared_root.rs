@@ -40,7 +40,8 @@ fn a_boards_nodes_share_one_root_filesystem_and_each_is_its_own() {
     assert_ok(&o, "build of three rk1 nodes");
     let err = stderr(&o);
     assert_eq!(
-        err.matches("rk1: shared root filesystem written once").count(),
+        err.matches("rk1: shared root filesystem written once")
+            .count(),
         1,
         "one shared root filesystem for the board:\n{err}"
     );
@@ -62,12 +63,20 @@ fn a_boards_nodes_share_one_root_filesystem_and_each_is_its_own() {
     }
     uuids.sort();
     uuids.dedup();
-    assert_eq!(uuids.len(), 3, "every node's root has its own UUID: {uuids:?}");
+    assert_eq!(
+        uuids.len(),
+        3,
+        "every node's root has its own UUID: {uuids:?}"
+    );
 
     // Only the server that may start the cluster carries the cluster CA keys.
     let img = ws.path("out/rk1-2.img");
     let (_, parts) = sfdisk(&img);
-    let listing = debugfs(&img, parts[1].start, "ls -l /var/lib/rancher/k3s/server/tls");
+    let listing = debugfs(
+        &img,
+        parts[1].start,
+        "ls -l /var/lib/rancher/k3s/server/tls",
+    );
     assert!(
         !listing.contains("server-ca.key"),
         "rk1-2 (joins) must not carry the CA keys:\n{listing}"
@@ -85,8 +94,12 @@ fn a_nodes_image_does_not_depend_on_the_other_nodes_of_the_build() {
     );
     let a = std::fs::read(alone.path("out/rk1-2.img")).unwrap();
     let b = std::fs::read(with.path("out/rk1-2.img")).unwrap();
+    let first = a.iter().zip(&b).position(|(x, y)| x != y);
     assert!(
         a == b,
-        "rk1-2.img differs between a build of it alone and one with other nodes"
+        "rk1-2.img differs between a build of it alone and one with other nodes (lengths {} \
+and {}, first at byte {first:?})",
+        a.len(),
+        b.len()
     );
 }

@@ -207,6 +207,7 @@ pub fn make_shared_root(
         .with_context(|| format!("creating output directory {}", dir.display()))?;
     shared::make(&shared::SharedParams {
         key: spec.key.clone(),
+        uuid: shared::seed(plan.board.name(), &inputs.scan.sha256, contents.epoch),
         base: &inputs.base,
         base_len,
         shared: &contents.shared,

@@ -48,14 +48,15 @@ impl Key {
         shared.digest(&mut h);
         Key(crate::util::hex(&h.finalize()))
     }
+}
 
-    /// UUID and directory hash seed of the shared filesystem: from the key, so the same inputs
-    /// give the same bytes. Each node's copy gets its own UUID; the hash seed stays (changing
-    /// it would mean reindexing every directory), which only makes directory hashes the same
-    /// across the nodes of a board.
-    fn uuid(&self) -> Guid {
-        Guid::derive(&["kiln shared root", &self.0])
-    }
+/// UUID and directory hash seed of a board's shared filesystem: from the board, the base and
+/// the epoch, never from where the build's files are (the key names host files by their path),
+/// so the same inputs in another directory give the same bytes. Each node's copy gets its own
+/// UUID; the hash seed stays (changing it would mean reindexing every directory), which only
+/// makes directory hashes the same across the nodes of a board.
+pub fn seed(board: &str, base_sha256: &str, epoch: u64) -> Guid {
+    Guid::derive(&["kiln shared root", board, base_sha256, &epoch.to_string()])
 }
 
 /// A shared root filesystem on disk, removed when dropped (never published: its name starts
@@ -91,6 +92,8 @@ pub fn size_for(base_blocks: u64, base_entries: u64, shared: &Tree, headroom: u6
 
 pub struct SharedParams<'a> {
     pub key: Key,
+    /// From [`seed`].
+    pub uuid: Guid,
     pub base: &'a Path,
     pub base_len: u64,
     pub shared: &'a Tree,
@@ -113,7 +116,7 @@ pub fn make(p: &SharedParams<'_>) -> Result<SharedRoot> {
     file.file()
         .set_len(p.size)
         .with_context(|| format!("sizing {}", file.path().display()))?;
-    let uuid = p.key.uuid();
+    let uuid = p.uuid;
     let mut listing = Listing::default();
     let pb = crate::progress::bytes(
         p.base_len,
