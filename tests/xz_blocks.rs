@@ -2,6 +2,9 @@
 //! decoder, the block cache shared between images (what it compresses, what it reuses, that the
 //! bytes do not change), and determinism across thread counts.
 
+mod common;
+
+use common::bytes as random;
 use kiln::publish::xz::{BLOCK_SIZE, BlockCache, XzWriter};
 use kiln::publish::{Format, compress, compress_with};
 use sha2::{Digest, Sha256};
@@ -17,18 +20,6 @@ fn tmpdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Compressible, like configuration files and logs.
