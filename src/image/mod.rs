@@ -176,14 +176,14 @@ pub fn shared_spec(
         PartSize::Fixed(s) => s.0,
         PartSize::Auto => auto_size,
     };
-    let mut key = shared::Key::of(
+    // The headroom is in the size; the key needs no more of the profile than the geometry.
+    let key = shared::Key::of(
         plan.board.name(),
         &inputs.scan.sha256,
         contents.epoch,
-        headroom,
+        shared::Geometry { size, inodes },
         &contents.shared,
     );
-    key.0 = format!("{}-{size}-{inodes}", key.0);
     Ok(SharedSpec {
         key,
         size,

@@ -35,19 +35,33 @@ pub const NODE_ENTRIES: u64 = 512;
 pub struct Key(pub String);
 
 impl Key {
-    /// The base tarball (by its hash), the board (its profile decides the layout and the
-    /// filesystem size), the build epoch, the headroom and the shared tree.
-    pub fn of(board: &str, base_sha256: &str, epoch: u64, headroom: u64, shared: &Tree) -> Key {
+    /// The base tarball (by its hash), the board (its profile decides the layout), the build
+    /// epoch, the filesystem's size and inode count, and the shared tree.
+    pub fn of(
+        board: &str,
+        base_sha256: &str,
+        epoch: u64,
+        geometry: Geometry,
+        shared: &Tree,
+    ) -> Key {
         let mut h = Sha256::new();
         for part in [board, base_sha256] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
         h.update(epoch.to_le_bytes());
-        h.update(headroom.to_le_bytes());
+        h.update(geometry.size.to_le_bytes());
+        h.update(geometry.inodes.to_le_bytes());
         shared.digest(&mut h);
         Key(crate::util::hex(&h.finalize()))
     }
+}
+
+/// A shared filesystem's size in bytes and its inode count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub size: u64,
+    pub inodes: u64,
 }
 
 /// UUID and directory hash seed of a board's shared filesystem: from the board, the base and
@@ -274,12 +288,10 @@ impl SharedRoot {
                             let src = work.join(n.to_string());
                             n += 1;
                             write_private(&src, data)?;
-                            writeln!(s, "write {} {target}", src.display())?;
-                            writeln!(s, "sif {target} mode 0{:o}", 0o100000 | (e.mode & 0o7777))?;
+                            write_file(&mut s, &src, &target, e.mode)?;
                         }
                         Kind::HostFile { path: host, .. } => {
-                            writeln!(s, "write {} {target}", host.display())?;
-                            writeln!(s, "sif {target} mode 0{:o}", 0o100000 | (e.mode & 0o7777))?;
+                            write_file(&mut s, host, &target, e.mode)?;
                         }
                         Kind::Dir => {}
                     }
@@ -293,6 +305,12 @@ impl SharedRoot {
         }
         Ok(s)
     }
+}
+
+/// debugfs commands writing the contents of `src` to `target` as a regular file of `mode`.
+fn write_file(s: &mut String, src: &Path, target: &str, mode: u32) -> std::fmt::Result {
+    writeln!(s, "write {} {target}", src.display())?;
+    writeln!(s, "sif {target} mode 0{:o}", 0o100000 | (mode & 0o7777))
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<()> {
