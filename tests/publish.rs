@@ -8,27 +8,6 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-fn build_with(
-    ws: &Workspace,
-    nodes: &[&str],
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> std::process::Output {
-    let bases = make_bases(&ws.dir);
-    let (ub, _) = uboot(ws, 100_000);
-    let mut args = vec!["build".to_string()];
-    args.extend(nodes.iter().map(|s| s.to_string()));
-    args.extend([
-        "--artifact".to_string(),
-        format!("base={}", bases.tar.display()),
-        "--artifact".to_string(),
-        format!("uboot={}", ub.display()),
-    ]);
-    args.extend(ws.k3s_args());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    ws.kiln_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env)
-}
-
 fn sha(p: &Path) -> String {
     common::k3s::sha256(&std::fs::read(p).unwrap())
 }

@@ -7,22 +7,14 @@ mod common;
 use common::disk::{debugfs, e2fsck, sfdisk, stat};
 use common::*;
 
+/// Raw images (no compressed copies to wait for) at a fixed epoch.
 fn build_nodes(ws: &Workspace, nodes: &[&str]) -> std::process::Output {
-    let bases = make_bases(&ws.dir);
-    let (ub, _) = uboot(ws, 100_000);
-    let mut args = vec!["build".to_string()];
-    args.extend(nodes.iter().map(|s| s.to_string()));
-    args.extend([
-        "--format".to_string(),
-        "raw".to_string(),
-        "--artifact".to_string(),
-        format!("base={}", bases.tar.display()),
-        "--artifact".to_string(),
-        format!("uboot={}", ub.display()),
-    ]);
-    args.extend(ws.k3s_args());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    ws.kiln_env(&refs, &[("SOURCE_DATE_EPOCH", "1767225600")])
+    build_with(
+        ws,
+        nodes,
+        &["--format", "raw"],
+        &[("SOURCE_DATE_EPOCH", "1767225600")],
+    )
 }
 
 fn root_uuid(img: &std::path::Path, offset: u64) -> String {

@@ -386,6 +386,29 @@ pub fn build(
     ws.kiln(&refs)
 }
 
+/// `kiln build NODES EXTRA...` on the stand-in bases and a stand-in loader, with the k3s
+/// stand-ins and `env` set.
+pub fn build_with(
+    ws: &Workspace,
+    nodes: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let bases = make_bases(&ws.dir);
+    let (ub, _) = uboot(ws, 100_000);
+    let mut args = vec!["build".to_string()];
+    args.extend(nodes.iter().map(|s| s.to_string()));
+    args.extend([
+        "--artifact".to_string(),
+        format!("base={}", bases.tar.display()),
+        "--artifact".to_string(),
+        format!("uboot={}", ub.display()),
+    ]);
+    args.extend(ws.k3s_args());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ws.kiln_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env)
+}
+
 /// A stand-in loader file of `len` bytes (test data, not U-Boot): the Rockchip idbloader header
 /// magic `RKNS` that kiln checks, random bytes, and a non-zero last byte (kiln drops trailing
 /// zeros, so this keeps the loader exactly `len` bytes long).
