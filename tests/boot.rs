@@ -387,6 +387,25 @@ impl BootWs {
         }
         Ok(stdout(&o))
     }
+
+    /// Waits until sshd answers: the login prompt can come before it listens (on first boot
+    /// `ssh-keygen -A` runs before sshd starts, and RSA keys take a while under TCG); until
+    /// then QEMU's forwarder accepts and resets the connection.
+    fn wait_ssh(&self, port: u16, timeout: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        loop {
+            match self.ssh(port, "true") {
+                Ok(_) => return Ok(start.elapsed()),
+                Err(e) if start.elapsed() >= timeout => {
+                    return Err(format!(
+                        "sshd did not answer within {} s: {e}",
+                        timeout.as_secs()
+                    ));
+                }
+                Err(_) => std::thread::sleep(Duration::from_secs(2)),
+            }
+        }
+    }
 }
 
 /// QEMU arguments for a user-mode network shaped like ServerLAN: the guest keeps its static
@@ -969,6 +988,8 @@ fn rk1_boot_and_uname(bw: &BootWs, disk: &Path, what: &str, ssh: u16, api: u16) 
     let vm = Vm::start(what, &bw.ws.path("rk1-kernel.console"), &args);
     let t = must(&[&vm], vm.wait_for("rk1-1 login:", LOGIN_WAIT));
     eprintln!("{what}: login at {:.0} s", t.as_secs_f64());
+    let w = must(&[&vm], bw.wait_ssh(ssh, Duration::from_secs(180)));
+    eprintln!("{what}: sshd answered {:.0} s after login", w.as_secs_f64());
     let uname = must(&[&vm], bw.ssh(ssh, "uname -r")).trim().to_string();
     (vm, uname)
 }
