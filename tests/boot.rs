@@ -119,7 +119,7 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.log();
-            if log.contains(pat) {
+            if log.contains(pat) || without_console_records(&log).contains(pat) {
                 return Ok(self.started.elapsed());
             }
             if let Some(f) = FATAL.iter().find(|f| log.contains(*f)) {
@@ -177,6 +177,58 @@ impl Drop for Vm {
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+/// The console log without the records the kernel and systemd write straight to the console
+/// (kernel messages `[  12.345678] ...`, systemd's `[  OK  ] ...`, `Starting ...` and job
+/// lines). They bypass the tty that getty writes through, so one can land in the middle of
+/// the `NAME login:` prompt (the console logs show them right after it); each runs to the end
+/// of its line, so cutting it out joins the prompt again.
+fn without_console_records(log: &str) -> String {
+    fn record_at(s: &str) -> bool {
+        if s.starts_with("[\x1b[")
+            || s.starts_with("\x1b[K[")
+            || s.starts_with("         Starting ")
+        {
+            return true;
+        }
+        // `[`, spaces, digits, `.`, digits, `]`: a kernel timestamp.
+        let Some(rest) = s.strip_prefix('[') else {
+            return false;
+        };
+        let rest = rest.trim_start_matches(' ');
+        let (secs, rest) = rest.split_at(rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(0));
+        let Some(rest) = rest.strip_prefix('.') else {
+            return false;
+        };
+        let frac = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(0);
+        !secs.is_empty() && frac > 0 && rest[frac..].starts_with(']')
+    }
+    let mut out = String::with_capacity(log.len());
+    let mut i = 0;
+    while i < log.len() {
+        let rest = &log[i..];
+        if record_at(rest) {
+            i += rest.find('\n').map_or(rest.len(), |n| n + 1);
+        } else {
+            let c = rest.chars().next().unwrap_or(' ');
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
+#[test]
+fn a_prompt_cut_by_a_console_record_is_found_again() {
+    let log = "Debian GNU/Linux 13 pi5-staging ttyAMA0\n\npi5-stag[   39.958197] kiln-firstboot.sh[349]: step\r\ning lo[\x1b[0;32m  OK  \x1b[0m] Started x.\ngin: ";
+    assert!(!log.contains("pi5-staging login:"));
+    assert!(without_console_records(log).contains("pi5-staging login:"));
+    // Text that only looks like a record start is kept.
+    assert_eq!(
+        without_console_records("a [1] b [x.y] c"),
+        "a [1] b [x.y] c"
+    );
 }
 
 /// Panics with `msg` and the last console lines of every VM.

@@ -105,6 +105,7 @@ for r in $(seq "$ROUNDS"); do
     measure kiln-2x kiln_one "$double"
     rm -rf "$work/ws/out"
     measure kiln-all "cd $work/ws && $KILN build --all --format raw --artifact base=$base $ART"
+    measure kiln-2-rk1 "cd $work/ws && rm -rf out && $KILN build rk1-1 rk1-2 --format raw --artifact base=$base $ART"
     measure kiln-5-singles "cd $work/ws && for n in pi5-staging rk1-1 rk1-2 rk1-3 rk1-4; do $KILN build \$n --format raw --artifact base=$base $ART; done"
     kiln_one "$base" >/dev/null 2>&1
     cp --sparse=always "$work/ws/out/rk1-1.img" "$work/one.img"
@@ -120,11 +121,12 @@ done
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 med() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$work/results" | median; }
 printf '\n%-16s %10s %14s\n' run "median s" "peak RSS MiB"
-for n in kiln genimage kiln-2x kiln-all kiln-5-singles floor kiln-xz xz6-cli; do
+for n in kiln genimage kiln-2x kiln-all kiln-2-rk1 kiln-5-singles floor kiln-xz xz6-cli; do
     printf '%-16s %10.2f %14.1f\n' "$n" "$(med "$n" 2)" "$(echo "$(med "$n" 3) / 1024" | bc -l)"
 done
 printf '\nkiln / genimage (one image, tarball to raw): %.2f\n' "$(echo "$(med kiln 2) / $(med genimage 2)" | bc -l)"
 printf 'kiln build --all / one kiln build: %.2f\n' "$(echo "$(med kiln-all 2) / $(med kiln 2)" | bc -l)"
+printf 'a further rk1 node (kiln-2-rk1 - kiln) / the first (kiln): %.2f\n' "$(echo "($(med kiln-2-rk1 2) - $(med kiln 2)) / $(med kiln 2)" | bc -l)"
 printf 'kiln build --all / five single builds: %.2f\n' "$(echo "$(med kiln-all 2) / $(med kiln-5-singles 2)" | bc -l)"
 printf 'peak RSS, base twice the size / base: %.2f\n' "$(echo "$(med kiln-2x 3) / $(med kiln 3)" | bc -l)"
 xz_pass=$(echo "$(med kiln-xz 2) - $(med kiln 2)" | bc -l)
@@ -134,7 +136,10 @@ printf "kiln's .xz pass / xz -6 -T0 on the same image (the preset before): %.2f\
 
 # What crosses the BMC: it writes every byte of the raw image and reads it back.
 rm -rf "$work/ws/out"
-( cd "$work/ws" && "$KILN" build --all --format xz --artifact "base=$base" $ART >/dev/null 2>&1 )
+measure kiln-all-xz "cd $work/ws && $KILN build --all --format xz --artifact base=$base $ART"
+printf "\nkiln build --all --format xz: %.2f s; its .xz passes per node ((that - kiln-all) / 5): %.2f s, / one image build: %.2f\n" \
+    "$(med kiln-all-xz 2)" "$(echo "($(med kiln-all-xz 2) - $(med kiln-all 2)) / 5" | bc -l)" \
+    "$(echo "($(med kiln-all-xz 2) - $(med kiln-all 2)) / 5 / $(med kiln 2)" | bc -l)"
 printf '\n%-14s %12s %12s %8s %12s %10s\n' node "apparent MB" "data MB" "BMC/data" ".xz MB" "BMC s @20MB/s"
 for img in "$work"/ws/out/*.img; do
     n=$(basename "$img" .img)
