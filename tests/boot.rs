@@ -234,6 +234,9 @@ fn a_prompt_cut_by_a_console_record_is_found_again() {
 /// Panics with `msg` and the last console lines of every VM.
 fn fail(vms: &[&Vm], msg: &str) -> ! {
     let mut s = format!("{msg}\n");
+    // The VM the message names first: CI keeps only part of a long failure.
+    let mut vms = vms.to_vec();
+    vms.sort_by_key(|v| !msg.starts_with(&format!("{}:", v.name)));
     for v in vms {
         s.push_str(&format!(
             "\n----- last console lines of {} -----\n{}\n",
