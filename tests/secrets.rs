@@ -353,16 +353,8 @@ fn the_cluster_ca_goes_only_to_the_server_that_may_start_the_cluster() {
         ),
         "build",
     );
-    let mut a: Vec<String> = ["build", "rk1-1", "--rejoin", "--out", "rejoin"]
-        .map(String::from)
-        .to_vec();
-    a.extend([
-        "--artifact".into(),
-        format!("base={}", bases.tar.display()),
-        "--artifact".into(),
-        format!("uboot={}", ub.display()),
-    ]);
-    a.extend(ws.k3s_args());
+    let mut a = build_args(&ws, &["rk1-1"], &bases.tar, Some(&ub));
+    a.extend(["--rejoin", "--out", "rejoin"].map(String::from));
     let o = ws.kiln(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert_ok(&o, "build --rejoin");
     let ca = ws.path("secrets/production.ca");

@@ -366,13 +366,13 @@ pub fn assert_ok(o: &Output, what: &str) {
     );
 }
 
-/// `kiln build NODES --artifact base=... [uboot=...]` with the k3s stand-ins.
-pub fn build(
+/// The arguments of `kiln build NODES --artifact base=... [uboot=...]` with the k3s stand-ins.
+pub fn build_args(
     ws: &Workspace,
     nodes: &[&str],
     base: &Path,
     uboot: Option<&Path>,
-) -> std::process::Output {
+) -> Vec<String> {
     let mut args = vec!["build".to_string()];
     args.extend(nodes.iter().map(|s| s.to_string()));
     args.push("--artifact".into());
@@ -382,8 +382,18 @@ pub fn build(
         args.push(format!("uboot={}", u.display()));
     }
     args.extend(ws.k3s_args());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    ws.kiln(&refs)
+    args
+}
+
+/// `kiln build NODES --artifact base=... [uboot=...]` with the k3s stand-ins.
+pub fn build(
+    ws: &Workspace,
+    nodes: &[&str],
+    base: &Path,
+    uboot: Option<&Path>,
+) -> std::process::Output {
+    let args = build_args(ws, nodes, base, uboot);
+    ws.kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// `kiln build NODES EXTRA...` on the stand-in bases and a stand-in loader, with the k3s
@@ -396,15 +406,7 @@ pub fn build_with(
 ) -> std::process::Output {
     let bases = make_bases(&ws.dir);
     let (ub, _) = uboot(ws, 100_000);
-    let mut args = vec!["build".to_string()];
-    args.extend(nodes.iter().map(|s| s.to_string()));
-    args.extend([
-        "--artifact".to_string(),
-        format!("base={}", bases.tar.display()),
-        "--artifact".to_string(),
-        format!("uboot={}", ub.display()),
-    ]);
-    args.extend(ws.k3s_args());
+    let mut args = build_args(ws, nodes, &bases.tar, Some(&ub));
     args.extend(extra.iter().map(|s| s.to_string()));
     ws.kiln_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env)
 }
