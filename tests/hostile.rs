@@ -176,7 +176,7 @@ fn board_numbers_are_range_checked() {
     );
     board_rule(
         "rk1",
-        "headroom = \"256MiB\"",
+        "headroom = \"64MiB\"",
         "headroom = \"9999999GiB\"",
         ("[[partition]]", 1),
         &["partition[1].headroom", "out of range"],

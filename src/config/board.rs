@@ -112,7 +112,7 @@ pub struct Partition {
     /// MBR: a type byte such as `0x0c` or `0x83`.
     #[serde(rename = "type")]
     pub type_: String,
-    /// `size = "auto"` only: free space left in the filesystem (default 256MiB); it grows to
+    /// `size = "auto"` only: free space left in the filesystem (default 64MiB); it grows to
     /// the whole disk on first boot.
     pub headroom: Option<ByteSize>,
 }

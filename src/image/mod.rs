@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Free space left in the root filesystem when the profile does not say.
-pub const DEFAULT_HEADROOM: u64 = 256 * MIB;
+pub const DEFAULT_HEADROOM: u64 = 64 * MIB;
 
 /// What a finished image is, for the summary line.
 #[derive(Debug, Clone)]
